@@ -1,0 +1,1 @@
+"""Dock widgets: thin magicgui containers over the core."""

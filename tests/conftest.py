@@ -1,0 +1,106 @@
+"""Shared fixtures: real NIfTI/NRRD/DICOM files written to a temporary folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+os.environ.setdefault("QT_API", "pyqt5")
+NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rotation(axis: int, degrees: float) -> np.ndarray:
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    r = np.eye(3)
+    a, b = [i for i in range(3) if i != axis]
+    r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
+    return r
+
+
+def make_affine(linear: np.ndarray, spacing, origin) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(linear) @ np.diag(spacing)
+    affine[:3, 3] = origin
+    return affine
+
+
+# Direction matrices a scanner can produce: axial, sagittal (permuted), flipped, oblique.
+AFFINES = {
+    "ras": make_affine(np.eye(3), (0.9, 1.1, 2.5), (-40, -60, -30)),
+    "las_flipped": make_affine(np.diag([-1, 1, 1]), (1.0, 1.0, 1.5), (40, -50, -20)),
+    "sagittal_permuted": make_affine(np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]]), (0.8, 1.2, 3.0), (30, -70, 60)),
+    "coronal_permuted": make_affine(np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]]), (1.0, 2.0, 1.0), (-30, 10, 40)),
+    "oblique": make_affine(rotation(0, 17) @ rotation(2, -23), (1.0, 1.3, 2.0), (-35, -45, -25)),
+    "oblique_permuted": make_affine(rotation(1, 31) @ np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0]]), (1.5, 0.7, 1.0), (12, -8, 5)),
+}
+
+
+def random_volume(shape=(20, 24, 16), seed=0, dtype=np.int16) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(-1000, 2000, size=shape).astype(dtype)
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, qform_code=1, sform_code=1) -> Path:
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=qform_code)
+    img.set_sform(affine, code=sform_code)
+    nib.save(img, str(path))
+    return path
+
+
+@pytest.fixture
+def nifti_factory(tmp_path):
+    def make(name="scan.nii.gz", affine="oblique", shape=(20, 24, 16), data=None, **kw):
+        aff = AFFINES[affine] if isinstance(affine, str) else affine
+        arr = random_volume(shape) if data is None else data
+        return write_nifti(tmp_path / name, arr, aff, **kw)
+
+    return make
+
+
+def write_dicom_series(folder: Path, data_kji: np.ndarray, origin, spacing, direction,
+                       series_uid="1.2.826.0.1.3680043.2.1125.1", series_number="3",
+                       patient_name="DOE^JOHN", positions=None, modality="CT") -> Path:
+    """Write a real DICOM series with SimpleITK (GDCM), one file per slice.
+
+    ``positions``: optional per-slice index (float) along the slice normal, to make gaps.
+    """
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    direction = np.asarray(direction, dtype=float).reshape(3, 3)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    n_slices = data_kji.shape[0]
+    positions = np.arange(n_slices, dtype=float) if positions is None else np.asarray(positions, float)
+    for k in range(n_slices):
+        slice_img = sitk.GetImageFromArray(data_kji[k:k + 1])
+        slice_img.SetSpacing([float(s) for s in spacing])
+        slice_img.SetDirection(direction.ravel().tolist())
+        pos = np.asarray(origin, float) + direction[:, 2] * spacing[2] * positions[k]
+        slice_img.SetOrigin(pos.tolist())
+        tags = {
+            "0010|0010": patient_name,
+            "0010|0020": "PID-12345",
+            "0008|0060": modality,
+            "0020|000e": series_uid,
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.99",
+            "0020|0011": series_number,
+            "0008|103e": "AX SERIES",
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in pos),
+            "0020|0037": "\\".join(f"{v:.6f}" for v in np.concatenate([direction[:, 0], direction[:, 1]])),
+            "0028|1053": "1",
+            "0028|1052": "-1024",
+            "0008|0008": "ORIGINAL\\PRIMARY\\AXIAL",
+        }
+        for tag, value in tags.items():
+            slice_img.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:04d}.dcm"))
+        writer.Execute(slice_img)
+    return folder
