@@ -104,3 +104,47 @@ def write_dicom_series(folder: Path, data_kji: np.ndarray, origin, spacing, dire
         writer.SetFileName(str(folder / f"slice{k:04d}.dcm"))
         writer.Execute(slice_img)
     return folder
+
+
+BRAIN_MASK = Path(__file__).parent / "data" / "MNI152_T1_2mm_brain_mask.nii.gz"
+
+
+def head_copy(kind: str):
+    """The sample head and its brain mask on another grid: (image, mask) nibabel images.
+
+    ``permuted``: same voxels, axes permuted and flipped (a sagittal-style file).
+    ``oblique``: resampled onto a rotated, anisotropic, shifted grid.
+    ``thick``: 1 mm in-plane, 5 mm slices (a clinical axial series).
+    """
+    from nibabel.processing import resample_from_to
+
+    from napari_medseg._sample import sample_path
+
+    head = nib.load(sample_path())
+    mask = nib.load(BRAIN_MASK)
+    if kind == "permuted":
+        data = np.flip(np.transpose(np.asarray(head.dataobj), (2, 0, 1)), 0)
+        labels = np.flip(np.transpose(np.asarray(mask.dataobj), (2, 0, 1)), 0)
+        base = head.affine[:, [2, 0, 1, 3]].copy()
+        base[:, 0] *= -1
+        base[:3, 3] = head.affine[:3, 3] + head.affine[:3, 2] * (data.shape[0] - 1)
+        base[:3, 3] += (60.0, -35.0, 20.0)  # shifted in the scanner, too
+        return nib.Nifti1Image(data.copy(), base), nib.Nifti1Image(labels.astype(np.uint8), base)
+    if kind == "oblique":
+        linear, spacing = rotation(0, 25) @ rotation(2, -20), (1.6, 1.3, 1.8)
+    elif kind == "thick":
+        linear, spacing = np.eye(3), (1.0, 1.0, 5.0)
+    else:
+        raise ValueError(kind)
+    centre = head.affine @ np.r_[(np.array(head.shape) - 1) / 2, 1]
+    shape = tuple(int(np.ceil(230 / s)) for s in spacing)
+    affine = make_affine(linear, spacing, (0, 0, 0))
+    affine[:3, 3] = centre[:3] - affine[:3, :3] @ ((np.array(shape) - 1) / 2) + (25.0, -40.0, 15.0)
+    shifted_head = nib.Nifti1Image(np.asarray(head.dataobj, dtype=np.float32), head.affine.copy())
+    shifted_head.affine[:3, 3] += (25.0, -40.0, 15.0)
+    shifted_mask = nib.Nifti1Image(np.asarray(mask.dataobj, dtype=np.float32), mask.affine.copy())
+    shifted_mask.affine[:3, 3] += (25.0, -40.0, 15.0)
+    image = resample_from_to(nib.Nifti1Image(shifted_head.get_fdata(), shifted_head.affine), (shape, affine), order=1)
+    labels = resample_from_to(nib.Nifti1Image(shifted_mask.get_fdata(), shifted_mask.affine), (shape, affine), order=1)
+    return (nib.Nifti1Image(image.get_fdata().astype(np.float32), affine),
+            nib.Nifti1Image((labels.get_fdata() > 0.5).astype(np.uint8), affine))

@@ -38,7 +38,8 @@ def test_import_linter_keeps_the_core_free_of_qt_and_napari():
 
 
 def test_core_imports_without_qt_or_napari():
-    code = ("import sys, napari_medseg.cli, napari_medseg.core.io, napari_medseg.core.windowing;"
+    code = ("import sys, napari_medseg.cli, napari_medseg.core.io, napari_medseg.core.windowing,"
+            " napari_medseg.core.inference, napari_medseg.core.models, napari_medseg.core.training;"
             "bad=[m for m in sys.modules if m.split('.')[0] in ('napari','qtpy','PyQt5','PyQt6','PySide6','magicgui')];"
             "print(bad); sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
@@ -52,6 +53,7 @@ def test_wheel_ships_the_top_level_manifest_and_napari_finds_it(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         assert zf.read("napari_medseg/napari.yaml") == MANIFEST.read_bytes()
         assert "napari_medseg/data/MNI152_T1_2mm.nii.gz" in zf.namelist()
+        assert "napari_medseg/models/brain-t1.safetensors" in zf.namelist()
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(target),
                     str(wheel)], check=True, capture_output=True)

@@ -409,6 +409,40 @@ def write_mask(path: str | os.PathLike, layer_mask: np.ndarray, geometry: ScanGe
     return path
 
 
+def write_map(path: str | os.PathLike, layer_maps: np.ndarray, geometry: ScanGeometry) -> Path:
+    """Write float maps ``(C, D, H, W)`` or ``(D, H, W)`` in layer order as NIfTI in the scan's grid.
+
+    Several maps become one 4D file with the maps along the last axis. Written
+    atomically, like :func:`write_mask`.
+    """
+    path = Path(path)
+    if not str(path).lower().endswith(NIFTI_SUFFIXES):
+        raise MedsegError(f"cannot save maps as '{path.name}': use .nii.gz or .nii")
+    maps = np.asarray(layer_maps, dtype=np.float32)
+    stack = maps[None] if maps.ndim == 3 else maps
+    file_maps = np.stack([geometry.to_file(m) for m in stack], axis=-1)
+    if maps.ndim == 3:
+        file_maps = file_maps[..., 0]
+    img = nib.Nifti1Image(np.ascontiguousarray(file_maps), geometry.affine_ras)
+    img.set_qform(geometry.affine_ras, code="scanner")
+    img.set_sform(geometry.affine_ras, code="scanner")
+    img.set_data_dtype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(prefix=".medseg-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise MedsegError(f"could not write '{path.name}': {exc.strerror or exc}; no file was changed") from None
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return path
+
+
 def _nifti_mask(file_mask: np.ndarray, geometry: ScanGeometry):
     if geometry.nifti_header is not None:
         header_cls = nib.Nifti2Header if geometry.extra.get("nifti_version") == 2 else nib.Nifti1Header

@@ -5,7 +5,13 @@ about 10x slower than its ``UNet`` on a CPU):
 
 * Gates are computed at the *coarse* (gating) resolution, where there are 8x fewer
   voxels, and only the single-channel coefficient map is upsampled to the skip.
-* Instance norm + LeakyReLU, stride-2 convolutions down, transposed convolutions up.
+* The full-resolution level has one thin convolution on each side instead of two:
+  it dominates the cost of a 3D U-Net (two 16-channel full-resolution convolutions
+  made an earlier version 7x slower than MONAI's ``UNet``).
+* Batch norm rather than instance norm: in eval mode it is a fixed per-channel affine,
+  so a voxel's prediction does not depend on which sliding window it fell in, and it
+  can be folded into the preceding convolution (:func:`fuse_batch_norm`).
+* LeakyReLU, stride-2 convolutions down, transposed convolutions up.
 
 For explainability, every gate's coefficient map is kept in :attr:`attention_maps`
 after a forward pass when :attr:`record_attention` is on, and the sub-modules have
@@ -20,15 +26,41 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
-        nn.InstanceNorm3d(out_channels, affine=True),
-        nn.LeakyReLU(0.01, inplace=True),
-        nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False),
-        nn.InstanceNorm3d(out_channels, affine=True),
-        nn.LeakyReLU(0.01, inplace=True),
-    )
+def _conv_block(in_channels: int, out_channels: int, stride: int = 1, n_convs: int = 2) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for index in range(n_convs):
+        layers += [
+            nn.Conv3d(in_channels if index == 0 else out_channels, out_channels, 3,
+                      stride=stride if index == 0 else 1, padding=1, bias=False),
+            nn.BatchNorm3d(out_channels),
+            nn.LeakyReLU(0.01, inplace=True),
+        ]
+    return nn.Sequential(*layers)
+
+
+def fuse_batch_norm(network: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm3d into the Conv3d before it (in place).
+
+    Inference gets the same outputs (to float rounding) with one pass fewer over
+    every feature map.
+    """
+    for module in network.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.children())
+        for index in range(len(children) - 1):
+            conv, norm = children[index], children[index + 1]
+            if isinstance(conv, nn.Conv3d) and isinstance(norm, nn.BatchNorm3d):
+                scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+                fused = nn.Conv3d(conv.in_channels, conv.out_channels, conv.kernel_size,
+                                  stride=conv.stride, padding=conv.padding, bias=True)
+                with torch.no_grad():
+                    fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1, 1))
+                    fused.bias.copy_((bias - norm.running_mean) * scale + norm.bias)
+                module[index] = fused
+                module[index + 1] = nn.Identity()
+    return network
 
 
 class AttentionGate(nn.Module):
@@ -68,16 +100,18 @@ class AttentionUNet3D(nn.Module):
         self.encoders = nn.ModuleList()
         previous = in_channels
         for level, width in enumerate(channels[:-1]):
-            self.encoders.append(_conv_block(previous, width, stride=1 if level == 0 else 2))
+            self.encoders.append(_conv_block(previous, width, stride=1 if level == 0 else 2,
+                                             n_convs=1 if level == 0 else 2))
             previous = width
         self.bottleneck = _conv_block(previous, channels[-1], stride=2)
         self.upsamplers = nn.ModuleList()
         self.gates = nn.ModuleList()
         self.decoders = nn.ModuleList()
         for width, coarser in zip(reversed(channels[:-1]), reversed(channels[1:])):
+            finest = width == channels[0] and len(self.decoders) == len(channels) - 2
             self.gates.append(AttentionGate(width, coarser, max(width // 2, 4)))
             self.upsamplers.append(nn.ConvTranspose3d(coarser, width, 2, stride=2))
-            self.decoders.append(_conv_block(2 * width, width))
+            self.decoders.append(_conv_block(2 * width, width, n_convs=1 if finest else 2))
         self.head = nn.Conv3d(channels[0], out_channels, 1)
         self.record_attention = False
         self.attention_maps: dict[str, torch.Tensor] = {}

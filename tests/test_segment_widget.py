@@ -1,0 +1,124 @@
+"""The Segment widget end to end in a real napari viewer under Xvfb."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from napari.layers import Labels
+from napari.utils.notifications import notification_manager
+from qtpy.QtCore import QTimer
+
+from napari_medseg._reader import napari_get_reader
+from napari_medseg._sample import sample_path
+from napari_medseg._widgets.segment import SegmentWidget
+from napari_medseg.core.io import read_volume
+from napari_medseg.core.models import save_model
+from napari_medseg.core.network import AttentionUNet3D
+from test_models import tiny_card
+
+
+@pytest.fixture
+def segment_widget(make_napari_viewer, monkeypatch, tmp_path):
+    monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home"))
+    viewer = make_napari_viewer()
+    for data, kwargs, kind in napari_get_reader(str(sample_path()))(str(sample_path())):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Segment")
+    yield viewer, widget
+    if widget.task is not None and widget.task.running:  # never leave a worker behind a closed viewer
+        widget.task.cancel()
+        widget.task.worker.quit()
+        widget.task.worker.await_workers() if hasattr(widget.task.worker, "await_workers") else None
+        time.sleep(1)
+
+
+def wait_for(qtbot, widget, timeout=60000):
+    qtbot.waitUntil(lambda: widget.task is not None and not widget.task.running, timeout=timeout)
+
+
+def test_run_adds_named_labels_in_the_scan_geometry_and_the_gui_stays_responsive(qtbot, segment_widget):
+    viewer, widget = segment_widget
+    assert widget._model.value is not None and "brain-t1" in widget._model.current_choice
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(50)
+    task = widget.run()
+    assert widget._cancel.enabled and not widget._run.enabled
+    wait_for(qtbot, widget)
+    timer.stop()
+    gaps = np.diff(ticks) * 1000
+    print(f"Qt timer while segmenting: {len(ticks)} ticks, largest gap {gaps.max():.0f} ms")
+    assert task.error is None
+    assert len(ticks) > 5 and gaps.max() < 1000  # the event loop kept running
+    image = viewer.layers["MNI152_T1_2mm"]
+    layer = viewer.layers["MNI152_T1_2mm brain-t1"]
+    assert isinstance(layer, Labels) and layer.data.shape == image.data.shape
+    np.testing.assert_allclose(layer.affine.affine_matrix, image.affine.affine_matrix)
+    assert list(layer.features["name"]) == ["background", "brain"]
+    rows = widget._table.data.to_list()
+    assert rows[0][1] == "brain" and rows[0][3] == int((layer.data == 1).sum())
+    assert rows[0][2] == pytest.approx(rows[0][3] * 8 / 1000, rel=1e-3)  # 2 mm voxels
+    assert 1500 < rows[0][2] < 2300
+    np.testing.assert_allclose(layer.colormap.map(1)[:3], (0.95, 0.35, 0.2), atol=0.01)
+    assert widget._run.enabled and not widget._cancel.enabled
+
+    # Re-running replaces the layer instead of adding another one.
+    widget.run()
+    wait_for(qtbot, widget)
+    assert [l.name for l in viewer.layers].count("MNI152_T1_2mm brain-t1") == 1 and len(viewer.layers) == 2
+
+
+def test_cancel_leaves_no_partial_layer(qtbot, segment_widget, tmp_path):
+    viewer, widget = segment_widget
+    card = tiny_card(name="slow") | {"target_spacing": [1.0, 1.0, 1.0], "patch_size": [16, 16, 16],
+                                     "hparams": {"in_channels": 1, "out_channels": 2, "channels": [4, 8]}}
+    torch.manual_seed(0)
+    path = save_model(tmp_path / "slow.safetensors", AttentionUNet3D(1, 2, (4, 8)), card)
+    widget.import_model(path)
+    assert "slow" in widget._model.current_choice
+    widget._overlap.value = 0.5
+    task = widget.run()
+    qtbot.waitUntil(lambda: task._last_step > 70, timeout=60000)  # past preparation, some windows done
+    widget.cancel()
+    wait_for(qtbot, widget)
+    assert task.cancelled
+    assert len(viewer.layers) == 1 and "nothing was added" in widget._status.value
+
+
+def test_importing_a_bad_model_file_is_a_notification(qtbot, segment_widget, tmp_path):
+    viewer, widget = segment_widget
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage" * 10)
+    before = len(notification_manager.records)
+    widget.import_model(bad)
+    messages = [str(n.message) for n in notification_manager.records[before:]]
+    assert any("bad.safetensors" in m and "napari-medseg" in m for m in messages)
+    assert all("bad" not in str(choice) for choice in widget._model.choices)
+
+
+def test_run_without_an_image_is_a_notification(qtbot, make_napari_viewer):
+    viewer = make_napari_viewer()
+    widget = SegmentWidget(viewer)
+    before = len(notification_manager.records)
+    assert widget.run() is None
+    assert any("open a 3D scan first" in str(n.message) for n in notification_manager.records[before:])
+
+
+def test_saved_segmentation_lands_in_the_scan_file_geometry(qtbot, segment_widget, tmp_path):
+    from napari_medseg._writer import write_labels
+
+    viewer, widget = segment_widget
+    widget.run()
+    wait_for(qtbot, widget)
+    layer = viewer.layers["MNI152_T1_2mm brain-t1"]
+    out = tmp_path / "brain.nii.gz"
+    write_labels(str(out), layer.data, {"metadata": layer.metadata, "affine": layer.affine.affine_matrix})
+    mask = read_volume(out)
+    scan = read_volume(sample_path())
+    np.testing.assert_array_equal(mask.geometry.affine_ras, scan.geometry.affine_ras)
+    np.testing.assert_array_equal(mask.layer_data(), layer.data)
