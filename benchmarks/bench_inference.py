@@ -8,8 +8,9 @@ batch norm folded) on the same normalised volume, at the volume's own grid:
 
 MONAI runs at its usual settings: ROI = the model's patch size, overlap 0.25,
 Gaussian blending, fp32, window batch 1. Ours runs with its defaults. Each engine
-runs in its own process so that peak memory (RSS on the CPU, the CUDA allocator's
-peak on a GPU) is measured cleanly. Then ``napari-medseg predict`` is timed end to
+runs in its own process; peak memory is the rise of resident memory above the level
+just before the engine starts (sampled every 5 ms; on a GPU, the CUDA allocator's
+peak), so the shared input volume is not counted. Then ``napari-medseg predict`` is timed end to
 end (process start, reading, prediction, writing) on the 1 mm head.
 
     .venv/bin/python benchmarks/bench_inference.py [--device cpu|cuda] [--skip-ct]
@@ -57,8 +58,31 @@ def make_volume(kind: str, folder: Path) -> Path:
     return path
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+class PeakRSS:
+    """Samples this process's resident memory every 5 ms (ru_maxrss cannot be reset)."""
+
+    def __init__(self):
+        import threading
+
+        self.base = rss_mb()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, rss_mb())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, rss_mb()) - self.base
 
 
 def worker(engine: str, path: str, device: str) -> dict:
@@ -82,7 +106,7 @@ def worker(engine: str, path: str, device: str) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    base_rss = peak_rss_mb()
+    sampler = PeakRSS()
     started = time.perf_counter()
     if engine == "monai":
         from monai.inferers import sliding_window_inference
@@ -101,7 +125,7 @@ def worker(engine: str, path: str, device: str) -> dict:
     if dev.type == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak = peak_rss_mb() - base_rss
+        peak = sampler.stop()
     out = Path(path).with_suffix(f".{engine}.npy")
     np.save(out, labels)
     return {"seconds": seconds, "peak_mb": peak, "labels": str(out), "voxels": int(labels.size)}

@@ -116,6 +116,7 @@ def _cmd_train(args) -> int:
                                                       synthesis_probability=args.synthesis_probability))
     network, card = train(dataset, config, log=lambda line: print(line, file=sys.stderr, flush=True),
                           initial_state=initial)
+    card["postprocessing"] = {step: True for step in args.postprocessing}
     if args.init:
         card["provenance"]["initialised_from"] = str(args.init).rsplit("/", 1)[-1]
     card["provenance"]["data"] = args.data_description or f"dataset folder '{args.data.rstrip('/').split('/')[-1]}'"
@@ -203,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="random shift of the training views; larger shows more surroundings")
     train.add_argument("--synthesis-probability", type=float, default=0.4,
                        help="share of samples with random tissue intensities (SynthStrip-style)")
+    train.add_argument("--postprocessing", nargs="*", default=[], choices=["inside_body", "largest_component"],
+                       help="clean-up steps recorded in the model card and applied at every prediction")
     train.add_argument("--val-data", default=None, metavar="DIR", help="held-out cases (same layout) for Dice")
     train.add_argument("--init", default=None, metavar="NAME|PATH", help="start from this model's weights")
     train.add_argument("--data-description", default=None, help="provenance text stored in the model card")

@@ -101,6 +101,10 @@ def main(out: Path, cache: Path) -> None:
     train = [write_case(out / "train", "mni152_t1_2mm", mni, mni_mask),
              write_case(out / "train", "icbm152_2009a_stripped", icbm, icbm_mask)]
     write_dataset(out / "train", train, "MNI152 head with skull and ICBM152 2009a skull-stripped T1")
+    # The last training stage uses only the FSL mask definition (the stripped ICBM
+    # outline keeps more CSF above the brain and cuts the brainstem higher).
+    head_only = [write_case(out / "train_head", "mni152_t1_2mm", mni, mni_mask)]
+    write_dataset(out / "train_head", head_only, "MNI152 head with skull")
 
     mean_head = nib.load(files["mean_reg2mean.nii.gz"])
     reference = register_mask(files["mean_reg2mean.nii.gz"], files["MNI152_T1_2mm.nii.gz"],

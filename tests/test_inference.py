@@ -172,3 +172,22 @@ def test_cuda_with_amp_agrees_with_the_cpu():
     gpu = sliding_window(image, net, 3, (16, 16, 16), InferenceSettings(device="cuda"))
     assert gpu.info["device"].startswith("cuda") and gpu.info["amp"]
     assert (cpu.labels == gpu.labels).mean() > 0.99
+
+
+def test_model_declared_clean_up_keeps_labels_inside_the_body_and_in_one_piece():
+    from napari_medseg.core.inference import segment
+    from napari_medseg.core.models import Model
+
+    rng = np.random.default_rng(0)
+    grid = np.mgrid[:40, :40, :40]
+    body = np.sqrt(((grid - 20) ** 2).sum(0)) < 12
+    image = (rng.normal(5, 2, body.shape) + 500 * body).astype(np.float32)
+    card = {"labels": [{"value": 0, "name": "background", "color": [0, 0, 0, 0]},
+                       {"value": 1, "name": "inside", "color": [1, 0, 0, 1]}],
+            "normalisation": {"kind": "mr_robust_zscore"}, "target_spacing": None, "patch_size": [16, 16, 16],
+            "name": "constant", "version": "1"}
+    everywhere = Model(ConstantLogits([0.0, 1.0]), card)
+    assert (segment(image, np.eye(4), everywhere, InferenceSettings("cpu")).labels == 1).all()
+    card["postprocessing"] = {"inside_body": True, "largest_component": True}
+    labels = segment(image, np.eye(4), Model(ConstantLogits([0.0, 1.0]), card), InferenceSettings("cpu")).labels
+    assert (labels[body] == 1).all() and (labels[~body] == 0).mean() > 0.99

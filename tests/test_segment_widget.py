@@ -52,15 +52,19 @@ def test_run_adds_named_labels_in_the_scan_geometry_and_the_gui_stays_responsive
     wait_for(qtbot, widget)
     timer.stop()
     gaps = np.diff(ticks) * 1000
-    print(f"Qt timer while segmenting: {len(ticks)} ticks, largest gap {gaps.max():.0f} ms")
+    # The last gap is the GUI thread adding the Labels layer (texture upload); the rest
+    # span the background run.
+    print(f"Qt timer while segmenting: {len(ticks)} ticks, largest gap during the run "
+          f"{gaps[:-1].max():.0f} ms, adding the result layer {gaps[-1]:.0f} ms")
     assert task.error is None
-    assert len(ticks) > 5 and gaps.max() < 1000  # the event loop kept running
+    assert len(ticks) > 5 and gaps[:-1].max() < 500  # the event loop kept running
+    assert gaps[-1] < 2500
     image = viewer.layers["MNI152_T1_2mm"]
     layer = viewer.layers["MNI152_T1_2mm brain-t1"]
     assert isinstance(layer, Labels) and layer.data.shape == image.data.shape
     np.testing.assert_allclose(layer.affine.affine_matrix, image.affine.affine_matrix)
     assert list(layer.features["name"]) == ["background", "brain"]
-    rows = widget._table.data.to_list()
+    rows = widget._table.value["data"]
     assert rows[0][1] == "brain" and rows[0][3] == int((layer.data == 1).sum())
     assert rows[0][2] == pytest.approx(rows[0][3] * 8 / 1000, rel=1e-3)  # 2 mm voxels
     assert 1500 < rows[0][2] < 2300

@@ -23,6 +23,7 @@ from ..core.models import ModelRegistry
 from .scan import layer_geometry
 
 MODEL_FILTER = "Models (*.safetensors *.pt *.pth)"
+TABLE_COLUMNS = ("label", "name", "volume (mL)", "voxels")
 
 
 def run_segmentation(image: np.ndarray, layer_affine_ras: np.ndarray, model_spec: str,
@@ -50,7 +51,7 @@ class SegmentWidget(Container):
         self._run = PushButton(text="Run")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._status = Label(value="")
-        self._table = Table(value={"data": [], "columns": ["label", "name", "volume (mL)", "voxels"]})
+        self._table = Table(value={"data": [], "index": [], "columns": list(TABLE_COLUMNS)})
         self.extend([self._image, self._model, self._import_path, self._import, self._device,
                      self._overlap, self._tta, self._run, self._cancel, self._status, self._table])
         self._run.changed.connect(self.run)
@@ -158,10 +159,9 @@ class SegmentWidget(Container):
             layer = self.viewer.add_labels(result.labels, name=name, affine=image_layer.affine.affine_matrix,
                                            features=features, colormap=colormap, metadata=metadata,
                                            opacity=0.5, units=getattr(image_layer, "units", None) or "mm")
-        self._table.value = {
-            "data": [[row["value"], row["name"], round(row["ml"], 2), row["voxels"]] for row in result.volumes()],
-            "columns": ["label", "name", "volume (mL)", "voxels"],
-        }
+        rows = [[row["value"], row["name"], round(row["ml"], 2), row["voxels"]] for row in result.volumes()]
+        # magicgui reads a dict with "index" as rows; without it, as columns.
+        self._table.value = {"data": rows, "index": list(range(len(rows))), "columns": list(TABLE_COLUMNS)}
         self._status.value = (f"{model.title} on {result.info['device']}: "
                               f"{result.info['seconds']:.1f} s, {result.info['windows']} windows")
         for message in result.info.get("messages", []):

@@ -282,6 +282,55 @@ def _sliding_window_on(image, network, n_classes, patch_size, settings, device, 
     return WindowResult(labels, probabilities, info)
 
 
+def head_mask(image: torch.Tensor) -> np.ndarray:
+    """Voxels inside the imaged body: above an Otsu threshold, holes filled, largest part."""
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+
+    values = image.numpy()
+    step = max(1, int(round((values.size / 1e6) ** (1 / 3))))
+    threshold = threshold_otsu(values[::step, ::step, ::step])
+    body = ndimage.binary_opening(values > threshold, iterations=1)
+    components, count = ndimage.label(body)
+    if count > 1:
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        body = components == sizes.argmax()
+    # Close gaps in the outline before filling, so dark enclosed parts (CSF, sinuses) count.
+    body = ndimage.binary_closing(body, iterations=3)
+    return ndimage.binary_fill_holes(body)
+
+
+def postprocess(result: WindowResult, image: torch.Tensor, steps: dict) -> None:
+    """Model-declared clean-up on the model grid (``card["postprocessing"]``), in place.
+
+    ``inside_body``: labels only inside the imaged body (Otsu, filled), so that noise in
+    the air around a head is never labelled. ``largest_component``: keep only each
+    label's largest connected part.
+    """
+    from scipy import ndimage
+
+    keep = np.ones(result.labels.shape, dtype=bool)
+    if steps.get("inside_body"):
+        keep &= head_mask(image)
+    if steps.get("largest_component"):
+        for value in np.unique(result.labels[keep]):
+            if value == 0:
+                continue
+            components, count = ndimage.label((result.labels == value) & keep)
+            if count > 1:
+                sizes = np.bincount(components.ravel())
+                sizes[0] = 0
+                keep &= (result.labels != value) | (components == sizes.argmax())
+    if keep.all():
+        return
+    result.labels[~keep] = 0
+    if result.probabilities is not None:
+        outside = torch.from_numpy(~keep)
+        result.probabilities[1:, outside] = 0
+        result.probabilities[0, outside] = 1
+
+
 # -- the whole pipeline ------------------------------------------------------------------
 
 @dataclass
@@ -338,6 +387,7 @@ def segment(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, settin
     smooth = prepared.resampled and model_bytes <= KEEP_PROBABILITIES_BYTES
     result = sliding_window(prepared.tensor, model.network, n_classes, tuple(card["patch_size"]), settings,
                             keep_probabilities=want_probabilities or smooth, progress=report(0.05, 0.9))
+    postprocess(result, prepared.tensor, card.get("postprocessing") or {})
     if progress:
         progress(0.95, "mapping the result onto the scan grid")
     probabilities = None

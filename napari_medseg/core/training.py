@@ -132,7 +132,7 @@ def read_dataset(data_dir: str | Path, progress: Progress | None = None) -> Data
             raise MedsegError(f"label '{label_path.name}' holds values outside 0..{len(names) - 1}")
         label_layer = label_layer.astype(np.uint8)
         cases.append(TrainingCase(
-            name=image.name,
+            name=label_path.name.split(".")[0],  # nnU-Net images carry a _0000 channel suffix
             image=torch.from_numpy(np.ascontiguousarray(image_layer)),
             label=torch.from_numpy(np.ascontiguousarray(label_layer)),
             tissue=torch.from_numpy(_tissue_classes(image_layer, label_layer)),
