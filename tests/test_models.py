@@ -153,3 +153,12 @@ def test_bundled_brain_model_is_listed_and_verifies():
     model = load_model(entry.path)
     assert model.label_names == {0: "background", 1: "brain"} and model.card["modality"] == "MR"
     assert entry.path.stat().st_size < 2_000_000  # small enough to ship in the wheel
+
+
+def test_saved_models_are_readable_by_others_like_any_file(tmp_path, model_file):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(model_file.stat().st_mode) == 0o666 & ~umask

@@ -399,7 +399,7 @@ def write_mask(path: str | os.PathLike, layer_mask: np.ndarray, geometry: ScanGe
             nib.save(_nifti_mask(file_mask, geometry), tmp)
         else:
             _write_itk_mask(file_mask, geometry, tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except OSError as exc:
         _remove_quietly(tmp)
         raise MedsegError(f"could not write '{path.name}': {exc.strerror or exc}; no file was changed") from None
@@ -433,7 +433,7 @@ def write_map(path: str | os.PathLike, layer_maps: np.ndarray, geometry: ScanGeo
     os.close(fd)
     try:
         nib.save(img, tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except OSError as exc:
         _remove_quietly(tmp)
         raise MedsegError(f"could not write '{path.name}': {exc.strerror or exc}; no file was changed") from None
@@ -473,6 +473,18 @@ def _write_itk_mask(file_mask: np.ndarray, geometry: ScanGeometry, tmp: str) -> 
         sitk.WriteImage(image, tmp, True)
     except RuntimeError as exc:
         raise OSError(_itk_reason(exc)) from None
+
+
+def publish(tmp: str, path: str | os.PathLike) -> None:
+    """Atomically move a finished temporary file into place with normal permissions.
+
+    ``mkstemp`` creates files readable by their owner only; saved masks and models
+    should be as shareable as any other file the user writes (umask applies).
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, path)
 
 
 def _remove_quietly(path: str) -> None:

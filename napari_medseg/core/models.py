@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .errors import MedsegError
+from .io import publish
 from .network import build_network, fuse_batch_norm
 
 CARD_KEY = "napari_medseg"
@@ -144,7 +145,7 @@ def save_model(path: str | os.PathLike, network: torch.nn.Module, card: dict,
     os.close(fd)
     try:
         save_file(state, tmp, metadata={CARD_KEY: json.dumps(card, sort_keys=True)})
-        os.replace(tmp, path)
+        publish(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise ModelError(f"could not write the model '{path.name}': {exc.strerror or exc}; "
@@ -335,7 +336,7 @@ class ModelRegistry:
             os.close(fd)
             try:
                 shutil.copyfile(path, tmp)
-                os.replace(tmp, target)
+                publish(tmp, target)
             except OSError as exc:
                 Path(tmp).unlink(missing_ok=True)
                 raise ModelError(f"could not import the model: {exc.strerror or exc}") from None
@@ -368,4 +369,4 @@ class ModelRegistry:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
         with os.fdopen(fd, "w") as handle:
             handle.write(version + "\n")
-        os.replace(tmp, folder / "CURRENT")
+        publish(tmp, folder / "CURRENT")
