@@ -259,7 +259,8 @@ def _sliding_window_on(image, network, n_classes, patch_size, settings, device, 
                 except torch.OutOfMemoryError:
                     del windows
                     output = None
-                    torch.cuda.empty_cache() if device.type == "cuda" else None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                     if batch > 1:
                         batch = max(1, batch // 2)
                         messages.append(f"GPU memory was short; retrying with {batch} window(s) at a time")
@@ -282,6 +283,18 @@ def _sliding_window_on(image, network, n_classes, patch_size, settings, device, 
     return WindowResult(labels, probabilities, info)
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest face-connected part of a boolean mask (the mask itself if it has one part)."""
+    from scipy import ndimage
+
+    components, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return components == sizes.argmax()
+
+
 def head_mask(image: torch.Tensor) -> np.ndarray:
     """Voxels inside the imaged body: above an Otsu threshold, holes filled, largest part."""
     from scipy import ndimage
@@ -290,12 +303,7 @@ def head_mask(image: torch.Tensor) -> np.ndarray:
     values = image.numpy()
     step = max(1, int(round((values.size / 1e6) ** (1 / 3))))
     threshold = threshold_otsu(values[::step, ::step, ::step])
-    body = ndimage.binary_opening(values > threshold, iterations=1)
-    components, count = ndimage.label(body)
-    if count > 1:
-        sizes = np.bincount(components.ravel())
-        sizes[0] = 0
-        body = components == sizes.argmax()
+    body = largest_component(ndimage.binary_opening(values > threshold, iterations=1))
     # Close gaps in the outline before filling, so dark enclosed parts (CSF, sinuses) count.
     body = ndimage.binary_closing(body, iterations=3)
     return ndimage.binary_fill_holes(body)
@@ -308,8 +316,6 @@ def postprocess(result: WindowResult, image: torch.Tensor, steps: dict) -> None:
     the air around a head is never labelled. ``largest_component``: keep only each
     label's largest connected part.
     """
-    from scipy import ndimage
-
     keep = np.ones(result.labels.shape, dtype=bool)
     if steps.get("inside_body"):
         keep &= head_mask(image)
@@ -317,11 +323,7 @@ def postprocess(result: WindowResult, image: torch.Tensor, steps: dict) -> None:
         for value in np.unique(result.labels[keep]):
             if value == 0:
                 continue
-            components, count = ndimage.label((result.labels == value) & keep)
-            if count > 1:
-                sizes = np.bincount(components.ravel())
-                sizes[0] = 0
-                keep &= (result.labels != value) | (components == sizes.argmax())
+            keep &= (result.labels != value) | largest_component((result.labels == value) & keep)
     if keep.all():
         return
     result.labels[~keep] = 0

@@ -390,19 +390,29 @@ def write_mask(path: str | os.PathLike, layer_mask: np.ndarray, geometry: ScanGe
     lo = int(file_mask.min()) if file_mask.size else 0
     dtype = np.uint8 if lo >= 0 and hi < 256 else (np.uint16 if lo >= 0 and hi < 65536 else np.int32)
     file_mask = file_mask.astype(dtype, copy=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if lower.endswith(".nii.gz") else path.suffix
+    if lower.endswith(NIFTI_SUFFIXES):
+        return save_atomically(path, lambda tmp: nib.save(_nifti_mask(file_mask, geometry), tmp), suffix)
+    return save_atomically(path, lambda tmp: _write_itk_mask(file_mask, geometry, tmp), suffix)
+
+
+def save_atomically(path: Path, write: Callable[[str], None], suffix: str = "", *,
+                    error: type[MedsegError] = MedsegError, label: str | None = None) -> Path:
+    """Run ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
+
+    A full disk or a crash never leaves a half-written file or destroys an older one;
+    an ``OSError`` becomes ``error`` naming ``label`` (default: the file name).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".medseg-", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        if lower.endswith(NIFTI_SUFFIXES):
-            nib.save(_nifti_mask(file_mask, geometry), tmp)
-        else:
-            _write_itk_mask(file_mask, geometry, tmp)
+        write(tmp)
         publish(tmp, path)
     except OSError as exc:
         _remove_quietly(tmp)
-        raise MedsegError(f"could not write '{path.name}': {exc.strerror or exc}; no file was changed") from None
+        raise error(f"could not write {label or repr(path.name)}: {exc.strerror or exc}; "
+                    "no file was changed") from None
     except BaseException:
         _remove_quietly(tmp)
         raise
@@ -427,20 +437,8 @@ def write_map(path: str | os.PathLike, layer_maps: np.ndarray, geometry: ScanGeo
     img.set_qform(geometry.affine_ras, code="scanner")
     img.set_sform(geometry.affine_ras, code="scanner")
     img.set_data_dtype(np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=".medseg-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        publish(tmp, path)
-    except OSError as exc:
-        _remove_quietly(tmp)
-        raise MedsegError(f"could not write '{path.name}': {exc.strerror or exc}; no file was changed") from None
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    return path
+    return save_atomically(path, lambda tmp: nib.save(img, tmp), suffix)
 
 
 def _nifti_mask(file_mask: np.ndarray, geometry: ScanGeometry):

@@ -23,14 +23,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import MedsegError
-from .io import publish
+from .io import save_atomically
 from .network import build_network, fuse_batch_norm
 
 CARD_KEY = "napari_medseg"
@@ -140,17 +139,9 @@ def save_model(path: str | os.PathLike, network: torch.nn.Module, card: dict,
     card["hparams"] = dict(card.get("hparams") or getattr(network, "hparams", {}))
     validate_card(card, path.name)
     card["content_sha256"] = content_hash(state, card)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={CARD_KEY: json.dumps(card, sort_keys=True)})
-        publish(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise ModelError(f"could not write the model '{path.name}': {exc.strerror or exc}; "
-                         "no file was changed") from None
-    return path
+    metadata = {CARD_KEY: json.dumps(card, sort_keys=True)}
+    return save_atomically(path, lambda tmp: save_file(state, tmp, metadata=metadata), ".safetensors",
+                           error=ModelError, label=f"the model '{path.name}'")
 
 
 def read_model_file(path: str | os.PathLike) -> tuple[dict, dict]:
@@ -197,15 +188,21 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, dict]:
     return state, card
 
 
-def load_model(path: str | os.PathLike, for_training: bool = False) -> Model:
-    """Load and verify a model file. For inference, batch norm is folded into the convolutions."""
-    state, card = read_model_file(path)
+def _network_from_state(state: dict, card: dict, where: str) -> torch.nn.Module:
+    """The card's architecture with ``state`` loaded in float32 (files may hold float16)."""
     try:
         network = build_network(card["architecture"], card["hparams"])
         network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     except (KeyError, TypeError, RuntimeError) as exc:
-        raise ModelError(f"'{Path(path).name}' does not match its declared architecture "
+        raise ModelError(f"'{where}' does not match its declared architecture "
                          f"{card.get('architecture')!r} ({str(exc).splitlines()[0][:120]})") from None
+    return network
+
+
+def load_model(path: str | os.PathLike, for_training: bool = False) -> Model:
+    """Load and verify a model file. For inference, batch norm is folded into the convolutions."""
+    state, card = read_model_file(path)
+    network = _network_from_state(state, card, Path(path).name)
     network.eval()
     if not for_training:
         fuse_batch_norm(network)
@@ -331,19 +328,10 @@ class ModelRegistry:
                 raise ModelError(f"model '{card['name']}' already has a different version "
                                  f"{card['version']}; give the new one another version")
         elif Path(path).suffix.lower() == ".safetensors":
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-            os.close(fd)
-            try:
-                shutil.copyfile(path, tmp)
-                publish(tmp, target)
-            except OSError as exc:
-                Path(tmp).unlink(missing_ok=True)
-                raise ModelError(f"could not import the model: {exc.strerror or exc}") from None
+            save_atomically(target, lambda tmp: shutil.copyfile(path, tmp), ".safetensors",
+                            error=ModelError, label=f"the imported model '{target.name}'")
         else:
-            network = build_network(card["architecture"], card["hparams"])
-            network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-            save_model(target, network, card)
+            save_model(target, _network_from_state(state, card, Path(path).name), card)
         if make_current:
             self.set_current(card["name"], str(card["version"]))
         return next(e for e in self.entries() if e.path == target)
@@ -365,8 +353,5 @@ class ModelRegistry:
             # a bundled version can also be made current again (rollback to the shipped model)
             if not any(e.name == name and e.version == version for e in self.entries()):
                 raise ModelError(f"model '{name}' has no version '{version}'")
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(version + "\n")
-        publish(tmp, folder / "CURRENT")
+        save_atomically(folder / "CURRENT", lambda tmp: Path(tmp).write_text(version + "\n"),
+                        error=ModelError, label=f"the current-version marker of '{name}'")
