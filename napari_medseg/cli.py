@@ -69,12 +69,14 @@ def _stderr_progress(label: str):
 
 def _cmd_predict(args) -> int:
     from .core.inference import InferenceSettings, segment
-    from .core.io import read_volume, write_mask, write_map
+    from .core.io import MASK_SUFFIXES, NIFTI_SUFFIXES, read_volume, write_mask, write_map
     from .core.models import ModelRegistry
 
-    for out in filter(None, [args.output, args.probabilities]):
-        if not str(out).lower().endswith((".nii", ".nii.gz", ".nrrd", ".mha")):
-            raise MedsegError(f"cannot write '{out}': use .nii.gz, .nii, .nrrd or .mha")
+    # Check the outputs before the (long) prediction, with the writers' own rules.
+    if not args.output.lower().endswith(MASK_SUFFIXES):
+        raise MedsegError(f"cannot write '{args.output}': use .nii.gz, .nii, .nrrd or .mha")
+    if args.probabilities and not args.probabilities.lower().endswith(NIFTI_SUFFIXES):
+        raise MedsegError(f"cannot write probabilities to '{args.probabilities}': use .nii.gz or .nii")
     settings = InferenceSettings(device=args.device, overlap=args.overlap, tta=args.tta)
     model = ModelRegistry().load(args.model)
     volume = read_volume(args.input, volume_index=args.volume, series=args.series)

@@ -69,6 +69,7 @@ def test_predict_on_the_sample_keeps_its_affine(tmp_path):
     (["predict", "{scan}", "-o", "{out}", "--model", "no-such-model"], "no model named 'no-such-model'"),
     (["predict", "{scan}", "-o", "{out}", "--model", "{missing_model}"], "does not exist"),
     (["predict", "{scan}", "-o", "{tmp}/mask.txt"], "use .nii.gz"),
+    (["predict", "{scan}", "-o", "{out}", "--probabilities", "{tmp}/p.nrrd"], "use .nii.gz or .nii"),
     (["predict", "{flat}", "-o", "{out}"], "3D"),
     (["predict", "{scan}", "-o", "{out}", "--overlap", "1.2"], "overlap"),
 ])
