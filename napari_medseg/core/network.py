@@ -72,12 +72,16 @@ class AttentionGate(nn.Module):
         self.gate_proj = nn.Conv3d(gate_channels, inter_channels, 1, bias=True)
         self.psi = nn.Conv3d(inter_channels, 1, 1, bias=True)
 
-    def forward(self, skip: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def coefficients(self, skip: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """The gate's coefficient map ``alpha`` at the skip's resolution, ``(N, 1, *skip)``."""
         coarse = self.skip_proj(skip)
         if coarse.shape[2:] != gate.shape[2:]:
             gate = F.interpolate(gate, size=coarse.shape[2:], mode="trilinear", align_corners=False)
         alpha = torch.sigmoid(self.psi(F.relu(coarse + self.gate_proj(gate))))
-        alpha = F.interpolate(alpha, size=skip.shape[2:], mode="trilinear", align_corners=False)
+        return F.interpolate(alpha, size=skip.shape[2:], mode="trilinear", align_corners=False)
+
+    def forward(self, skip: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha = self.coefficients(skip, gate)
         return skip * alpha, alpha
 
 
@@ -121,19 +125,54 @@ class AttentionUNet3D(nn.Module):
         return 2 ** len(self.encoders)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for encoder in self.encoders:
-            x = encoder(x)
-            skips.append(x)
-        x = self.bottleneck(x)
-        if self.record_attention:
-            self.attention_maps = {}
+        if not self.training and not torch.is_grad_enabled() and not self._hooked():
+            return self._forward_lean(x)
+        x, skips = self._encode(x)
         for index, (gate, up, decoder) in enumerate(zip(self.gates, self.upsamplers, self.decoders)):
             skip = skips[-1 - index]
             gated, alpha = gate(skip, x)
             if self.record_attention:
                 self.attention_maps[f"gates.{index}"] = alpha.detach()
             x = decoder(torch.cat([up(x), gated], dim=1))
+        return self.head(x)
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """Encoder and bottleneck: the coarsest features and the skips, finest first."""
+        skips = []
+        for encoder in self.encoders:
+            x = encoder(x)
+            skips.append(x)
+        if self.record_attention:
+            self.attention_maps = {}
+        return self.bottleneck(x), skips
+
+    def _hooked(self) -> bool:
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
+
+    def _forward_lean(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference without autograd, in less memory; same outputs to float rounding.
+
+        Each skip is released as soon as it is gated, and the concatenation before each
+        decoder becomes two convolutions summed (the decoder's first kernel split by
+        input channel), so the full-resolution level never holds the doubled map. A
+        sliding window spends most of its memory there. Gradient passes (training,
+        Grad-CAM) and any network with forward hooks take the plain path, so hooks
+        always see every layer.
+        """
+        x, skips = self._encode(x)
+        for index, (gate, up, decoder) in enumerate(zip(self.gates, self.upsamplers, self.decoders)):
+            skip = skips.pop()
+            alpha = gate.coefficients(skip, x)
+            if self.record_attention:
+                self.attention_maps[f"gates.{index}"] = alpha
+            gated = skip * alpha
+            del skip, alpha
+            conv = decoder[0]
+            width = gated.shape[1]
+            out = F.conv3d(gated, conv.weight[:, width:], None, conv.stride, conv.padding)
+            del gated
+            out += F.conv3d(up(x), conv.weight[:, :width], conv.bias, conv.stride, conv.padding)
+            x = decoder[1:](out)
         return self.head(x)
 
 
