@@ -143,9 +143,9 @@ def test_window_plans_cover_the_volume_with_the_requested_overlap():
     settings = InferenceSettings(device="cpu")
     roi, starts = plan_windows((181, 217, 181), (80, 96, 80), 8, settings, torch.device("cpu"))
     computed = np.prod([len(s) for s in starts]) * np.prod(roi)
-    # Within two patches per window, and far fewer voxels computed than MONAI's
+    # Within three patches per window, and far fewer voxels computed than MONAI's
     # usual plan (ROI = patch, overlap 0.25: 27 windows, 2.3 times the volume).
-    assert np.prod(roi) <= 2 * 80 * 96 * 80 and min(r - p for r, p in zip(roi, (80, 96, 80))) >= 0
+    assert np.prod(roi) <= 3 * 80 * 96 * 80 and min(r - p for r, p in zip(roi, (80, 96, 80))) >= 0
     assert computed < 1.3 * 181 * 217 * 181
 
 
