@@ -25,16 +25,10 @@ import nibabel as nib
 import numpy as np
 from nibabel.processing import resample_from_to
 
+from napari_medseg.core.geometry import axis_rotation
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".cache" / "brain" / "data"
-
-
-def rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    r = np.eye(3)
-    a, b = [i for i in range(3) if i != axis]
-    r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
-    return r
 
 
 def variants(image: nib.Nifti1Image, mask: nib.Nifti1Image):
@@ -49,9 +43,9 @@ def variants(image: nib.Nifti1Image, mask: nib.Nifti1Image):
            nib.Nifti1Image(np.flip(np.transpose(data, order), 0).copy(), permuted),
            nib.Nifti1Image(np.flip(np.transpose(labels, order), 0).astype(np.uint8), permuted))
     centre = image.affine @ np.r_[(np.array(image.shape) - 1) / 2, 1]
-    for name, linear, spacing in [("oblique 25/-20 deg, 1.6x1.3x1.8 mm", rotation(0, 25) @ rotation(2, -20), (1.6, 1.3, 1.8)),
+    for name, linear, spacing in [("oblique 25/-20 deg, 1.6x1.3x1.8 mm", axis_rotation(0, 25) @ axis_rotation(2, -20), (1.6, 1.3, 1.8)),
                                   ("axial 5 mm slices", np.eye(3), (1.0, 1.0, 5.0)),
-                                  ("coronal 4 mm slices, tilted 15 deg", rotation(0, 15) @ np.array(
+                                  ("coronal 4 mm slices, tilted 15 deg", axis_rotation(0, 15) @ np.array(
                                       [[1, 0, 0], [0, 0, 1], [0, -1, 0]]), (0.9, 0.9, 4.0))]:
         extent = np.abs(image.affine[:3, :3]).sum(axis=0) * np.array(image.shape)
         shape = tuple(int(np.ceil(extent.max() * 1.05 / s)) for s in spacing)

@@ -9,17 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from napari_medseg.core.geometry import axis_rotation
+
 os.environ.setdefault("QT_API", "pyqt5")
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 REPO = Path(__file__).resolve().parents[1]
-
-
-def rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    r = np.eye(3)
-    a, b = [i for i in range(3) if i != axis]
-    r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
-    return r
 
 
 def make_affine(linear: np.ndarray, spacing, origin) -> np.ndarray:
@@ -35,8 +29,8 @@ AFFINES = {
     "las_flipped": make_affine(np.diag([-1, 1, 1]), (1.0, 1.0, 1.5), (40, -50, -20)),
     "sagittal_permuted": make_affine(np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]]), (0.8, 1.2, 3.0), (30, -70, 60)),
     "coronal_permuted": make_affine(np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]]), (1.0, 2.0, 1.0), (-30, 10, 40)),
-    "oblique": make_affine(rotation(0, 17) @ rotation(2, -23), (1.0, 1.3, 2.0), (-35, -45, -25)),
-    "oblique_permuted": make_affine(rotation(1, 31) @ np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0]]), (1.5, 0.7, 1.0), (12, -8, 5)),
+    "oblique": make_affine(axis_rotation(0, 17) @ axis_rotation(2, -23), (1.0, 1.3, 2.0), (-35, -45, -25)),
+    "oblique_permuted": make_affine(axis_rotation(1, 31) @ np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0]]), (1.5, 0.7, 1.0), (12, -8, 5)),
 }
 
 
@@ -131,7 +125,7 @@ def head_copy(kind: str):
         base[:3, 3] += (60.0, -35.0, 20.0)  # shifted in the scanner, too
         return nib.Nifti1Image(data.copy(), base), nib.Nifti1Image(labels.astype(np.uint8), base)
     if kind == "oblique":
-        linear, spacing = rotation(0, 25) @ rotation(2, -20), (1.6, 1.3, 1.8)
+        linear, spacing = axis_rotation(0, 25) @ axis_rotation(2, -20), (1.6, 1.3, 1.8)
     elif kind == "thick":
         linear, spacing = np.eye(3), (1.0, 1.0, 5.0)
     else:

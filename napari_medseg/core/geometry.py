@@ -30,6 +30,15 @@ RAS_TO_WORLD = np.array(
 )
 
 
+def axis_rotation(axis: int, degrees: float) -> np.ndarray:
+    """3 x 3 rotation by ``degrees`` about one coordinate axis (0, 1 or 2)."""
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    r = np.eye(3)
+    a, b = [i for i in range(3) if i != axis]
+    r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
+    return r
+
+
 def check_affine(affine: np.ndarray) -> None:
     """Raise :class:`NotAVolumeError` unless ``affine`` places voxels in space."""
     affine = np.asarray(affine, dtype=float)
