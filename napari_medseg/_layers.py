@@ -1,4 +1,10 @@
-"""Converting core volumes to napari layer data and back."""
+"""napari layers and napari-medseg's metadata on them: the one place that reads and writes it.
+
+Everything napari-medseg records on a layer lives in ``layer.metadata["medseg"]`` as
+plain types: the scan geometry, modality, the segmentation's model and label names,
+whether a labels layer holds edited work. :func:`medseg_meta` reads it and
+:func:`update_medseg_meta` writes it; no other code touches the key.
+"""
 
 from __future__ import annotations
 
@@ -9,37 +15,63 @@ from .core.io import Volume
 from .core.windowing import default_preset, preset_limits
 
 METADATA_KEY = "medseg"
+OBLIQUE_NOTE = ("the scan is oblique: 3D view and world coordinates are exact; "
+                "2D slices are shown along the nearest voxel axes")
 
 
-def volume_to_layer_data(volume: Volume, name: str | None = None) -> tuple:
+def medseg_meta(layer_or_metadata) -> dict:
+    """napari-medseg's metadata of a layer (or of a layer's ``metadata`` dict); empty if none."""
+    metadata = layer_or_metadata if isinstance(layer_or_metadata, dict) else getattr(layer_or_metadata, "metadata", None)
+    return dict((metadata or {}).get(METADATA_KEY) or {})
+
+
+def update_medseg_meta(layer, **values) -> dict:
+    """Merge ``values`` into a layer's napari-medseg metadata; returns the new dict."""
+    merged = {**medseg_meta(layer), **values}
+    layer.metadata = {**(layer.metadata or {}), METADATA_KEY: merged}
+    return merged
+
+
+def make_metadata(**values) -> dict:
+    """A layer ``metadata`` argument holding napari-medseg's values."""
+    return {METADATA_KEY: values}
+
+
+def viewer_warnings(volume: Volume) -> list:
+    """The volume's warnings plus the ones only a viewer needs (2D slicing of oblique scans)."""
+    return list(volume.warnings) + ([OBLIQUE_NOTE] if volume.geometry.is_oblique else [])
+
+
+def volume_to_layer_data(volume: Volume, name: str | None = None, source_path: str | None = None) -> tuple:
     """A napari layer-data tuple whose ``affine`` puts voxels at LPS millimetres."""
-    meta = {
-        METADATA_KEY: {
-            "geometry": volume.geometry.to_dict(),
-            "modality": volume.modality,
-            "summary": volume.describe(),
-            "warnings": list(volume.warnings),
-        }
+    values = {
+        "geometry": volume.geometry.to_dict(),
+        "modality": volume.modality,
+        "modality_guessed": volume.modality_guessed,
+        "body_part": (volume.info.get("dicom") or {}).get("BodyPartExamined"),
+        "summary": volume.describe(),
+        "warnings": list(volume.warnings),
     }
-    kwargs = {
-        "name": name or volume.name,
-        "affine": volume.geometry.world_affine,
-        "metadata": meta,
-        "units": "mm",
-    }
+    if source_path is not None:
+        values["source_path"] = str(source_path)
+    kwargs = {"name": name or volume.name, "affine": volume.geometry.world_affine, "units": "mm"}
     data = volume.layer_data()
     if volume.is_label_map:
-        return data, kwargs, "labels"
-    preset = default_preset(volume.modality)
-    kwargs["contrast_limits"] = list(preset_limits(preset, data))
-    kwargs["colormap"] = "gray"
-    meta[METADATA_KEY]["window_preset"] = preset
-    return data, kwargs, "image"
+        values["edited"] = True  # a mask opened from a file is somebody's work from the start
+        kind = "labels"
+    else:
+        preset = default_preset(volume.modality)
+        kwargs["contrast_limits"] = list(preset_limits(preset, data))
+        kwargs["colormap"] = "gray"
+        values["window_preset"] = preset
+        kind = "image"
+    kwargs["metadata"] = make_metadata(**values)
+    return data, kwargs, kind
 
 
 def geometry_of(layer) -> ScanGeometry | None:
     """The scan geometry recorded on a layer by napari-medseg, if any."""
-    info = (getattr(layer, "metadata", None) or {}).get(METADATA_KEY) or {}
+    info = medseg_meta(layer)
     if "geometry" not in info:
         return None
     return ScanGeometry.from_dict(info["geometry"])

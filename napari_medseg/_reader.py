@@ -10,7 +10,7 @@ import logging
 
 from napari.utils.notifications import show_error, show_warning
 
-from ._layers import volume_to_layer_data
+from ._layers import viewer_warnings, volume_to_layer_data
 from .core import io
 from .core.errors import MedsegError, MultipleSeriesError, MultiVolumeError
 
@@ -68,6 +68,6 @@ def _read_layers(path):
             f"({exc.series[0]['n_files']} files). Pick another in the Scan widget."
         )
     for volume in volumes:
-        for message in volume.warnings:
+        for message in viewer_warnings(volume):
             show_warning(f"napari-medseg: {volume.name}: {message}")
-    return [volume_to_layer_data(volume) for volume in volumes]
+    return [volume_to_layer_data(volume, source_path=path) for volume in volumes]

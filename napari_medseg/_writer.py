@@ -7,7 +7,7 @@ import logging
 import numpy as np
 from napari.utils.notifications import show_error
 
-from ._layers import METADATA_KEY, world_affine_from_meta
+from ._layers import medseg_meta, world_affine_from_meta
 from .core.errors import MedsegError
 from .core.geometry import ScanGeometry
 from .core.io import write_mask
@@ -29,7 +29,7 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
 
 
 def _geometry_for(shape: tuple, meta: dict) -> ScanGeometry:
-    info = (meta.get("metadata") or {}).get(METADATA_KEY) or {}
+    info = medseg_meta(meta.get("metadata") or {})
     if "geometry" in info:
         return ScanGeometry.from_dict(info["geometry"])
     if len(shape) != 3:

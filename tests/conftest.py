@@ -103,6 +103,30 @@ def write_dicom_series(folder: Path, data_kji: np.ndarray, origin, spacing, dire
 BRAIN_MASK = Path(__file__).parent / "data" / "MNI152_T1_2mm_brain_mask.nii.gz"
 
 
+def card_dict(name="tiny", version="1.0.0", classes=2, channels=(4, 8), architecture="AttentionUNet3D",
+              patch=(16, 16, 16), spacing=(2.0, 2.0, 2.0), **pipeline) -> dict:
+    """A model card (format 2) for a small test network; ``pipeline`` overrides its steps."""
+    names = ["background", "lesion", "organ", "other"][:classes]
+    return {
+        "format": "napari-medseg-model", "format_version": 2, "name": name, "version": version,
+        "network": {"architecture": architecture,
+                    "hparams": {"in_channels": 1, "out_channels": classes, "channels": list(channels)}},
+        "labels": [{"value": i, "name": n, "color": [1, 0, 0, 1]} for i, n in enumerate(names)],
+        "domain": {"modality": "MR"},
+        "pipeline": {"axis_order": "SPL", "roi": {"kind": "none"},
+                     "grid": {"kind": "spacing", "spacing": list(spacing), "interpolation": "area"},
+                     "normalisation": {"kind": "mr_robust_zscore", "statistics": "region"},
+                     "patch_size": list(patch), "output": "logits", **pipeline},
+        "provenance": {"data": "unit test"}, "metrics": {},
+    }
+
+
+def make_card(**kwargs):
+    from napari_medseg.core.card import parse_card
+
+    return parse_card(card_dict(**kwargs), kwargs.get("name", "tiny"))
+
+
 def head_copy(kind: str):
     """The sample head and its brain mask on another grid: (image, mask) nibabel images.
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import make_card
 from napari_medseg.core.errors import Cancelled, MedsegError
 from napari_medseg.core.inference import (
     InferenceSettings,
@@ -47,11 +48,11 @@ def test_one_window_equals_a_direct_forward_pass():
     image = torch.randn(32, 24, 16)
     with torch.inference_mode():
         direct = net(image[None, None])[0]
-    result = sliding_window(image, net, 3, (32, 24, 16), InferenceSettings(device="cpu"),
-                            keep_probabilities=True)
+    result = sliding_window(image, net, (32, 24, 16), InferenceSettings(device="cpu"),
+                            keep=("logits",))
     assert result.info["windows"] == 1
     np.testing.assert_array_equal(result.labels, direct.argmax(0).numpy())
-    np.testing.assert_allclose(result.probabilities.numpy(), torch.softmax(direct, 0).numpy(), atol=1e-5)
+    np.testing.assert_allclose(torch.softmax(result.maps["logits"], 0).numpy(), torch.softmax(direct, 0).numpy(), atol=1e-5)
 
 
 def test_folded_batch_norm_gives_the_same_logits():
@@ -71,11 +72,11 @@ def test_folded_batch_norm_gives_the_same_logits():
 ])
 def test_blending_has_no_seams_for_a_constant_predictor(settings):
     logits = [0.3, -1.2, 2.0]
-    result = sliding_window(torch.randn(37, 29, 41), ConstantLogits(logits), 3, (16, 16, 16), settings,
-                            keep_probabilities=True)
+    result = sliding_window(torch.randn(37, 29, 41), ConstantLogits(logits), (16, 16, 16), settings,
+                            keep=("logits",))
     assert result.info["windows"] > 1
     expected = torch.softmax(torch.tensor(logits), 0).numpy()
-    probabilities = result.probabilities.numpy()
+    probabilities = torch.softmax(result.maps["logits"], 0).numpy()
     assert probabilities.shape == (3, 37, 29, 41)
     np.testing.assert_allclose(probabilities, np.broadcast_to(expected[:, None, None, None], probabilities.shape),
                                atol=1e-6)
@@ -87,20 +88,20 @@ def test_blended_result_matches_monai_sliding_window():
 
     net = fuse_batch_norm(tiny_net())
     image = torch.randn(40, 36, 44)
-    ours = sliding_window(image, net, 3, (16, 16, 16),
+    ours = sliding_window(image, net, (16, 16, 16),
                           InferenceSettings(device="cpu", roi_size=(16, 16, 16), overlap=0.25),
-                          keep_probabilities=True)
+                          keep=("logits",))
     with torch.inference_mode():
         theirs = sliding_window_inference(image[None, None], (16, 16, 16), 1, net, overlap=0.25,
                                           mode="gaussian")[0]
     agreement = (ours.labels == theirs.argmax(0).numpy()).mean()
     assert agreement > 0.995
-    np.testing.assert_allclose(ours.probabilities.numpy(), torch.softmax(theirs, 0).numpy(), atol=0.02)
+    np.testing.assert_allclose(torch.softmax(ours.maps["logits"], 0).numpy(), torch.softmax(theirs, 0).numpy(), atol=0.02)
 
 
 def test_progress_is_reported_per_window_and_reaches_one():
     calls = []
-    result = sliding_window(torch.randn(28, 28, 28), ConstantLogits([0.0, 1.0]), 2, (16, 16, 16),
+    result = sliding_window(torch.randn(28, 28, 28), ConstantLogits([0.0, 1.0]), (16, 16, 16),
                             InferenceSettings(device="cpu", roi_size=(16, 16, 16), overlap=0.25),
                             progress=lambda f, m: calls.append((f, m)))
     fractions = [f for f, _ in calls]
@@ -118,7 +119,7 @@ def test_cancel_between_windows_stops_the_run():
             raise Cancelled("cancelled")
 
     with pytest.raises(Cancelled):
-        sliding_window(torch.randn(30, 30, 30), tiny_net(), 3, (16, 16, 16),
+        sliding_window(torch.randn(30, 30, 30), tiny_net(), (16, 16, 16),
                        InferenceSettings(device="cpu", roi_size=(16, 16, 16), overlap=0.25), progress=progress)
     assert len(seen) == 3
 
@@ -129,9 +130,9 @@ def test_mirror_tta_averages_the_mirrored_passes():
     x = image[None, None]
     with torch.inference_mode():
         manual = (net(x) + net(x.flip(2)).flip(2) + net(x.flip(3)).flip(3) + net(x.flip(4)).flip(4)) / 4
-    result = sliding_window(image, net, 3, (16, 16, 16), InferenceSettings(device="cpu", tta=True),
-                            keep_probabilities=True)
-    np.testing.assert_allclose(result.probabilities.numpy(), torch.softmax(manual[0], 0).numpy(), atol=1e-5)
+    result = sliding_window(image, net, (16, 16, 16), InferenceSettings(device="cpu", tta=True),
+                            keep=("logits",))
+    np.testing.assert_allclose(torch.softmax(result.maps["logits"], 0).numpy(), torch.softmax(manual[0], 0).numpy(), atol=1e-5)
 
 
 def test_window_plans_cover_the_volume_with_the_requested_overlap():
@@ -162,7 +163,7 @@ def test_bad_settings_are_clear_errors():
         InferenceSettings(device="tpu")
     if not torch.cuda.is_available():
         with pytest.raises(MedsegError, match="no CUDA GPU"):
-            sliding_window(torch.randn(8, 8, 8), ConstantLogits([0.0, 1.0]), 2, (8, 8, 8),
+            sliding_window(torch.randn(8, 8, 8), ConstantLogits([0.0, 1.0]), (8, 8, 8),
                            InferenceSettings(device="cuda"))
 
 
@@ -172,8 +173,8 @@ def test_cuda_with_amp_agrees_with_the_cpu():
         pytest.skip("needs a CUDA GPU")
     net = fuse_batch_norm(tiny_net())
     image = torch.randn(48, 40, 56)
-    cpu = sliding_window(image, net, 3, (16, 16, 16), InferenceSettings(device="cpu"))
-    gpu = sliding_window(image, net, 3, (16, 16, 16), InferenceSettings(device="cuda"))
+    cpu = sliding_window(image, net, (16, 16, 16), InferenceSettings(device="cpu"))
+    gpu = sliding_window(image, net, (16, 16, 16), InferenceSettings(device="cuda"))
     assert gpu.info["device"].startswith("cuda") and gpu.info["amp"]
     assert (cpu.labels == gpu.labels).mean() > 0.99
 
@@ -186,12 +187,9 @@ def test_model_declared_clean_up_keeps_labels_inside_the_body_and_in_one_piece()
     grid = np.mgrid[:40, :40, :40]
     body = np.sqrt(((grid - 20) ** 2).sum(0)) < 12
     image = (rng.normal(5, 2, body.shape) + 500 * body).astype(np.float32)
-    card = {"labels": [{"value": 0, "name": "background", "color": [0, 0, 0, 0]},
-                       {"value": 1, "name": "inside", "color": [1, 0, 0, 1]}],
-            "normalisation": {"kind": "mr_robust_zscore"}, "target_spacing": None, "patch_size": [16, 16, 16],
-            "name": "constant", "version": "1"}
+    card = make_card(name="constant", spacing=(1.0, 1.0, 1.0))
     everywhere = Model(ConstantLogits([0.0, 1.0]), card)
     assert (segment(image, np.eye(4), everywhere, InferenceSettings("cpu")).labels == 1).all()
-    card["postprocessing"] = {"inside_body": True, "largest_component": True}
+    card = make_card(name="constant", spacing=(1.0, 1.0, 1.0), postprocessing=["inside_body", "largest_component"])
     labels = segment(image, np.eye(4), Model(ConstantLogits([0.0, 1.0]), card), InferenceSettings("cpu")).labels
     assert (labels[body] == 1).all() and (labels[~body] == 0).mean() > 0.99

@@ -8,20 +8,13 @@ import pickle
 import pytest
 import torch
 
+from conftest import card_dict, make_card
 from napari_medseg.core.models import ModelError, ModelRegistry, load_model, read_model_file, save_model
 from napari_medseg.core.network import AttentionUNet3D
 
 
 def tiny_card(name="tiny", version="1.0.0", classes=2):
-    return {
-        "name": name, "version": version, "architecture": "AttentionUNet3D",
-        "hparams": {"in_channels": 1, "out_channels": classes, "channels": [4, 8]},
-        "labels": [{"value": i, "name": n, "color": [1, 0, 0, 1]} for i, n in
-                   enumerate(["background", "lesion", "organ"][:classes])],
-        "modality": "MR", "target_spacing": [2, 2, 2], "orientation": "SPL",
-        "normalisation": {"kind": "mr_robust_zscore"}, "patch_size": [16, 16, 16],
-        "provenance": {"data": "unit test"}, "metrics": {},
-    }
+    return card_dict(name=name, version=version, classes=classes)
 
 
 def tiny_model(classes=2, seed=0):
@@ -40,14 +33,18 @@ def test_round_trip_gives_the_same_predictions_and_card(model_file):
     x = torch.randn(1, 1, 16, 16, 16)
     with torch.inference_mode():
         torch.testing.assert_close(loaded.network(x), net(x), atol=1e-4, rtol=1e-4)
-    assert loaded.card["labels"][1]["name"] == "lesion" and loaded.label_names == {0: "background", 1: "lesion"}
-    assert len(loaded.card["content_sha256"]) == 64 and loaded.title == "tiny v1.0.0"
+    assert loaded.card.labels[1].name == "lesion" and loaded.label_names == {0: "background", 1: "lesion"}
+    assert len(loaded.card.content_sha256) == 64 and loaded.title == "tiny v1.0.0"
 
 
 def test_half_precision_files_are_half_the_size(tmp_path):
     full = save_model(tmp_path / "a.safetensors", tiny_model(), tiny_card(), half_precision=False)
     half = save_model(tmp_path / "b.safetensors", tiny_model(), tiny_card(), half_precision=True)
-    assert half.stat().st_size < 0.6 * full.stat().st_size
+    def weight_bytes(path):  # the file less its 8-byte length and JSON header (the card)
+        raw = path.read_bytes()
+        return len(raw) - 8 - int.from_bytes(raw[:8], "little")
+
+    assert weight_bytes(half) < 0.6 * weight_bytes(full)
     load_model(half)
 
 
@@ -73,7 +70,7 @@ def test_a_pickle_payload_is_refused_and_never_runs(tmp_path):
 
 def test_weights_only_torch_files_are_accepted(tmp_path, model_file):
     state, card = read_model_file(model_file)
-    torch.save({"state_dict": state, "card": json.dumps(card)}, tmp_path / "plain.pt")
+    torch.save({"state_dict": state, "card": json.dumps(card.to_dict())}, tmp_path / "plain.pt")
     assert load_model(tmp_path / "plain.pt").name == "tiny"
 
 
@@ -90,6 +87,7 @@ def test_an_edited_card_fails_the_integrity_check(tmp_path, model_file):
 
     state = load_file(model_file)
     _, card = read_model_file(model_file)
+    card = card.to_dict()
     card["labels"][1]["name"] = "tumour"
     save_file(state, tmp_path / "edited.safetensors", metadata={"napari_medseg": json.dumps(card)})
     with pytest.raises(ModelError, match="integrity"):
@@ -121,7 +119,8 @@ def test_safetensors_without_a_card_is_not_a_model(tmp_path):
 def test_card_and_network_must_agree(tmp_path):
     with pytest.raises(ModelError, match="labels"):
         save_model(tmp_path / "x.safetensors", tiny_model(classes=3), tiny_card(classes=2) | {
-            "hparams": {"in_channels": 1, "out_channels": 3, "channels": [4, 8]}})
+            "network": {"architecture": "AttentionUNet3D",
+                        "hparams": {"in_channels": 1, "out_channels": 3, "channels": [4, 8]}}})
 
 
 def test_registry_imports_versions_and_rolls_back(tmp_path, model_file):
@@ -129,9 +128,10 @@ def test_registry_imports_versions_and_rolls_back(tmp_path, model_file):
     assert registry.entries() == []
     with pytest.raises(ModelError, match="no models"):
         registry.resolve(None)
-    first = registry.import_model(model_file)
+    first, added = registry.import_model(model_file)
+    assert added
     assert first.current and first.source == "user"
-    second = registry.add_version(tiny_model(seed=1), tiny_card(version="1.1.0"), make_current=True)
+    second = registry.add_version(tiny_model(seed=1), make_card(version="1.1.0"), make_current=True)
     names = [(e.version, e.current) for e in registry.entries()]
     assert names == [("1.0.0", False), ("1.1.0", True)]
     assert registry.resolve("tiny") == second.path
@@ -143,7 +143,7 @@ def test_registry_imports_versions_and_rolls_back(tmp_path, model_file):
     with pytest.raises(ModelError, match="no model named 'nope'"):
         registry.resolve("nope")
     with pytest.raises(ModelError, match="already exists"):
-        registry.add_version(tiny_model(), tiny_card(version="1.1.0"))
+        registry.add_version(tiny_model(), make_card(version="1.1.0"))
 
 
 def test_bundled_brain_model_is_listed_and_verifies():
@@ -151,8 +151,9 @@ def test_bundled_brain_model_is_listed_and_verifies():
     entry = next(e for e in registry.entries() if e.name == "brain-t1")
     assert entry.source == "bundled" and entry.current
     model = load_model(entry.path)
-    assert model.label_names == {0: "background", 1: "brain"} and model.card["modality"] == "MR"
-    assert entry.path.stat().st_size < 2_000_000  # small enough to ship in the wheel
+    assert model.label_names == {0: "background", 1: "brain"} and model.card.modality == "MR"
+    assert model.card.network.architecture == "LinkNet3d" and model.roi_network is not None
+    assert entry.path.stat().st_size < 10_000_000  # small enough to ship in the wheel
 
 
 def test_saved_models_are_readable_by_others_like_any_file(tmp_path, model_file):

@@ -14,7 +14,7 @@ from napari_medseg.cli import main
 from napari_medseg.core.inference import InferenceSettings, segment
 from napari_medseg.core.io import read_volume
 from napari_medseg.core.models import ModelRegistry
-from napari_medseg.core.training import dice
+from napari_medseg.core.metrics import dice
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,7 @@ def write_sphere_dataset(folder, n_cases=2, nnunet=False):
 @pytest.mark.parametrize("nnunet", [False, True])
 def test_train_cli_makes_a_loadable_model_from_an_msd_folder(tmp_path, capsys, nnunet):
     data = write_sphere_dataset(tmp_path / "data", nnunet=nnunet)
+    (tmp_path / "models").mkdir()
     code = main(["train", "--data", str(data), "-o", str(tmp_path / "models"), "--name", "spheres",
                  "--steps", "3", "--patch-size", "16", "16", "16", "--channels", "4", "8",
                  "--val-data", str(data), "--device", "cpu"])
@@ -129,10 +130,11 @@ def test_train_cli_makes_a_loadable_model_from_an_msd_folder(tmp_path, capsys, n
     path = tmp_path / "models" / "spheres.safetensors"
     model = ModelRegistry(home=tmp_path).load(str(path))
     assert model.label_names == {0: "background", 1: "sphere"}
-    assert model.card["provenance"]["steps"] == 3 and set(model.card["metrics"]["dice"]) == {"case_000", "case_001"}
-    assert 0.0 <= model.card["metrics"]["mean_dice"] <= 1.0
+    held_out = model.card.metrics["held_out"]
+    assert model.card.provenance["training"]["steps"] == 3 and set(held_out["dice"]) == {"case_000", "case_001"}
+    assert 0.0 <= held_out["mean_dice"] <= 1.0
 
 
 def test_train_cli_rejects_a_folder_without_dataset_json(tmp_path, capsys):
-    assert main(["train", "--data", str(tmp_path), "-o", str(tmp_path / "m")]) == 2
+    assert main(["train", "--data", str(tmp_path), "-o", str(tmp_path)]) == 2
     assert "dataset.json" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from napari_medseg._widgets.segment import SegmentWidget
 from napari_medseg.core.io import read_volume
 from napari_medseg.core.models import save_model
 from napari_medseg.core.network import AttentionUNet3D
-from test_models import tiny_card
+from conftest import card_dict
 
 
 @pytest.fixture
@@ -79,8 +79,7 @@ def test_run_adds_named_labels_in_the_scan_geometry_and_the_gui_stays_responsive
 
 def test_cancel_leaves_no_partial_layer(qtbot, segment_widget, tmp_path):
     viewer, widget = segment_widget
-    card = tiny_card(name="slow") | {"target_spacing": [1.0, 1.0, 1.0], "patch_size": [16, 16, 16],
-                                     "hparams": {"in_channels": 1, "out_channels": 2, "channels": [4, 8]}}
+    card = card_dict(name="slow", spacing=(1.0, 1.0, 1.0))
     torch.manual_seed(0)
     path = save_model(tmp_path / "slow.safetensors", AttentionUNet3D(1, 2, (4, 8)), card)
     widget.import_model(path)

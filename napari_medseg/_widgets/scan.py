@@ -9,7 +9,7 @@ from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, S
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info, show_warning
 
-from .._layers import METADATA_KEY, geometry_of, volume_to_layer_data, world_affine_from_meta
+from .._layers import geometry_of, make_metadata, medseg_meta, viewer_warnings, volume_to_layer_data, world_affine_from_meta
 from .._worker import BackgroundTask, notify_warnings
 from ..core.dicom import describe_series
 from ..core.errors import MultipleSeriesError, MultiVolumeError
@@ -99,19 +99,20 @@ class ScanWidget(Container):
         self._cancel.enabled = True
         self.task = BackgroundTask(
             read_volume, path, **options, description=f"Opening {path.name}",
-            on_done=self._add_volume, on_error=self._open_failed, on_finish=self._task_finished,
+            on_done=lambda volume: self._add_volume(volume, path), on_error=self._open_failed,
+            on_finish=self._task_finished,
         )
         return self.task
 
-    def _add_volume(self, volume) -> None:
-        data, kwargs, kind = volume_to_layer_data(volume)
+    def _add_volume(self, volume, path=None) -> None:
+        data, kwargs, kind = volume_to_layer_data(volume, source_path=path)
         layer = self.viewer.add_labels(data, **kwargs) if kind == "labels" else self.viewer.add_image(data, **kwargs)
         self.viewer.dims.axis_labels = ("S-I (z)", "P-A (y)", "L-R (x)")
-        notify_warnings(volume.name, volume.warnings)
+        notify_warnings(volume.name, viewer_warnings(volume))
         self._offer_choices(volume=False, series=False)
         if isinstance(layer, Image):
             self._scan.value = layer
-            self._preset.value = kwargs["metadata"][METADATA_KEY].get("window_preset", "(keep)")
+            self._preset.value = medseg_meta(kwargs["metadata"]).get("window_preset", "(keep)")
 
     def _open_failed(self, exc) -> None:
         if isinstance(exc, MultiVolumeError):
@@ -140,7 +141,7 @@ class ScanWidget(Container):
         if layer is None:
             self._info.value = "No scan open."
             return
-        summary = (layer.metadata.get(METADATA_KEY) or {}).get("summary")
+        summary = medseg_meta(layer).get("summary")
         if not summary:
             self._info.value = f"{layer.name}: {' x '.join(map(str, layer.data.shape))} (no scan geometry recorded)"
             return
@@ -168,8 +169,8 @@ class ScanWidget(Container):
             show_warning("napari-medseg: open a scan first")
             return None
         meta = {}
-        if METADATA_KEY in scan.metadata:
-            meta[METADATA_KEY] = {"geometry": scan.metadata[METADATA_KEY]["geometry"]}
+        if "geometry" in medseg_meta(scan):
+            meta = make_metadata(geometry=medseg_meta(scan)["geometry"], segmentation_of=scan.name)
         layer = self.viewer.add_labels(
             np.zeros(scan.data.shape, dtype=np.uint8), name=f"{scan.name} mask",
             affine=scan.affine.affine_matrix, scale=scan.scale, translate=scan.translate, metadata=meta,

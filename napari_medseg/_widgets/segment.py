@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from magicgui.widgets import (
     CheckBox,
@@ -14,16 +16,20 @@ from magicgui.widgets import (
     Table,
 )
 from napari.layers import Image
-from napari.utils.notifications import show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 
-from .._layers import METADATA_KEY
+from .._layers import make_metadata, medseg_meta
 from .._worker import BackgroundTask
-from ..core.inference import InferenceSettings, segment
-from ..core.models import ModelRegistry
+from ..core.devices import DEVICES
+from ..core.domain import scan_problems
+from ..core.errors import MedsegError
+from ..core.inference import DEFAULT_OVERLAP, InferenceSettings, segment
+from ..core.models import ModelRegistry, peek_card
+from ._dialogs import ask
 from .scan import layer_geometry
 
 MODEL_FILTER = "Models (*.safetensors *.pt *.pth)"
-TABLE_COLUMNS = ("label", "name", "volume (mL)", "voxels")
+TABLE_COLUMNS = ("label", "name", "volume (mL)", "voxels", "check")
 
 
 def run_segmentation(image: np.ndarray, layer_affine_ras: np.ndarray, model_spec: str,
@@ -41,12 +47,18 @@ class SegmentWidget(Container):
         self.viewer = napari_viewer
         self.task: BackgroundTask | None = None
         self.registry = ModelRegistry()
+        self.last_layer = None
+        # Asked before running a scan the model card says is out of scope; replaceable
+        # only so that a workflow can answer it ahead (the worklist asks once per list).
+        self.ask = ask
         self._image = ComboBox(label="Image", choices=self._image_layers)
         self._model = ComboBox(label="Model", choices=self._model_choices)
         self._import_path = FileEdit(label="Model file", mode="r", filter=MODEL_FILTER)
         self._import = PushButton(text="Import model file")
-        self._device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
-        self._overlap = FloatSpinBox(label="Overlap", min=0.0, max=0.9, step=0.05, value=0.125)
+        self._device = ComboBox(label="Device", choices=list(DEVICES), value="auto")
+        self._overlap = FloatSpinBox(label="Overlap", min=0.0, max=0.9, step=0.025)
+        self._overlap.native.setDecimals(3)  # show the engine's default, 0.125, as it is
+        self._overlap.value = DEFAULT_OVERLAP
         self._tta = CheckBox(text="Mirror test-time augmentation (4x slower)", value=False)
         self._run = PushButton(text="Run")
         self._cancel = PushButton(text="Cancel", enabled=False)
@@ -74,22 +86,20 @@ class SegmentWidget(Container):
     # -- actions ----------------------------------------------------------------
     def import_model(self, path) -> None:
         """Verify a model file, add it to the user's models and select it."""
-        from napari.utils.notifications import show_error
-
-        from ..core.errors import MedsegError
-
         try:
-            entry = self.registry.import_model(path)
+            entry, added = self.registry.import_model(path)
         except MedsegError as exc:
             show_error(f"napari-medseg: {exc}")
             return
         self._model.reset_choices()
         self._model.value = str(entry.path)
-        show_info(f"napari-medseg: imported model {entry.name} v{entry.version}")
+        if added:
+            show_info(f"napari-medseg: imported model {entry.name} v{entry.version}")
+        else:
+            show_info(f"napari-medseg: {entry.name} v{entry.version} is already installed ({entry.source}); "
+                      "it was selected, nothing was copied")
 
     def run(self) -> BackgroundTask | None:
-        from napari.utils.notifications import show_error
-
         layer = self._image.value
         if layer is None:
             show_error("napari-medseg: open a 3D scan first (no image layer to segment)")
@@ -101,6 +111,9 @@ class SegmentWidget(Container):
             show_info("napari-medseg: a segmentation is already running")
             return self.task
         geometry = layer_geometry(layer)
+        if not self._in_scope(layer, geometry):
+            self._status.value = "not run: the scan is outside the model's scope"
+            return None
         settings = InferenceSettings(device=self._device.value, overlap=float(self._overlap.value),
                                      tta=bool(self._tta.value))
         self._run.enabled, self._cancel.enabled = False, True
@@ -112,6 +125,22 @@ class SegmentWidget(Container):
             on_finish=self._finished,
         )
         return self.task
+
+    def _in_scope(self, layer, geometry) -> bool:
+        """Check the scan against the model card; on a mismatch, ask before running."""
+        card = peek_card(Path(self._model.value))
+        if card is None:
+            return True  # the load in the worker reports a broken file
+        info = medseg_meta(layer)
+        problems = scan_problems(np.asarray(layer.data), geometry.layer_spacing, card,
+                                 info.get("modality", "unknown"), info.get("modality_guessed", True),
+                                 info.get("body_part"))
+        if not problems:
+            return True
+        answer = self.ask(self.native, "Scan outside the model's scope",
+                          f"{problems[0][0].upper()}{problems[0][1:]}.\n\nThe result is likely to be wrong. "
+                          "Segment it anyway?", ("Segment anyway", "Cancel"), default="Cancel", escape="Cancel")
+        return answer == "Segment anyway"
 
     def cancel(self) -> None:
         if self.task is not None:
@@ -143,10 +172,13 @@ class SegmentWidget(Container):
         colors = {v: result.label_colors.get(v, (1, 1, 1, 1)) for v in values}
         colors[None] = (0, 0, 0, 0)
         colormap = DirectLabelColormap(color_dict=colors)
-        metadata = {METADATA_KEY: {"geometry": geometry.to_dict(), "model": model.title,
-                                   "model_sha256": model.card.get("content_sha256"),
-                                   "label_names": {str(k): v for k, v in names.items()},
-                                   "segmentation_of": image_layer.name, "run": dict(result.info)}}
+        metadata = make_metadata(geometry=geometry.to_dict(), model=model.title,
+                                 model_sha256=model.card.content_sha256,
+                                 label_names={str(k): v for k, v in names.items()},
+                                 segmentation_of=image_layer.name,
+                                 source_path=medseg_meta(image_layer).get("source_path"),
+                                 run={k: v for k, v in result.info.items() if k != "warnings"},
+                                 warnings=list(result.warnings))
         if name in self.viewer.layers:
             # Re-running replaces the previous result rather than stacking layers.
             existing = self.viewer.layers[name]
@@ -159,11 +191,15 @@ class SegmentWidget(Container):
             layer = self.viewer.add_labels(result.labels, name=name, affine=image_layer.affine.affine_matrix,
                                            features=features, colormap=colormap, metadata=metadata,
                                            opacity=0.5, units=getattr(image_layer, "units", None) or "mm")
-        rows = [[row["value"], row["name"], round(row["ml"], 2), row["voxels"]] for row in result.volumes()]
+        rows = [[row["value"], row["name"], round(row["ml"], 2), row["voxels"], row.get("warning", "ok")]
+                for row in result.volumes()]
         # magicgui reads a dict with "index" as rows; without it, as columns.
         self._table.value = {"data": rows, "index": list(range(len(rows))), "columns": list(TABLE_COLUMNS)}
         self._status.value = (f"{model.title} on {result.info['device']}: "
-                              f"{result.info['seconds']:.1f} s, {result.info['windows']} windows")
+                              f"{result.info['seconds']:.1f} s, {result.info['windows']} windows"
+                              + (f"; {len(result.warnings)} warning(s)" if result.warnings else ""))
         for message in result.info.get("messages", []):
             show_info(f"napari-medseg: {message}")
+        for message in result.warnings:
+            show_warning(f"napari-medseg: {layer.name}: {message}")
         self.last_layer = layer

@@ -1,8 +1,17 @@
 """Errors that reach users as one clear sentence instead of a traceback."""
 
+from .privacy import scrub
+
 
 class MedsegError(Exception):
-    """A problem the user can act on; ``str(error)`` is shown as-is."""
+    """A problem the user can act on; ``str(error)`` is shown as-is.
+
+    The message is scrubbed on construction: any path in it, whether our own code or a
+    library put it there, is reduced to its base name (folders can name patients).
+    """
+
+    def __init__(self, message: str = "", *args):
+        super().__init__(scrub(" ".join(str(message).split("\n")).strip()), *args)
 
 
 class UnreadableScanError(MedsegError):

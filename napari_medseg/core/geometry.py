@@ -39,6 +39,11 @@ def axis_rotation(axis: int, degrees: float) -> np.ndarray:
     return r
 
 
+def voxel_spacing(affine: np.ndarray) -> tuple:
+    """Voxel size in mm along each axis of a voxel-to-mm affine (the one definition used everywhere)."""
+    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0))
+
+
 def check_affine(affine: np.ndarray) -> None:
     """Raise :class:`NotAVolumeError` unless ``affine`` places voxels in space."""
     affine = np.asarray(affine, dtype=float)
@@ -153,7 +158,12 @@ class ScanGeometry:
     @property
     def spacing(self) -> tuple:
         """Voxel size in mm along the file's i, j, k axes."""
-        return tuple(float(s) for s in np.linalg.norm(self.affine_ras[:3, :3], axis=0))
+        return voxel_spacing(self.affine_ras)
+
+    @property
+    def layer_spacing(self) -> tuple:
+        """Voxel size in mm along the layer axes (S, P, L)."""
+        return voxel_spacing(self.layer_affine_ras)
 
     @property
     def orientation_code(self) -> str:

@@ -1,19 +1,22 @@
-"""Sliding-window inference that streams to labels, and the whole predict pipeline.
+"""Sliding-window inference with pluggable per-window outputs, and the predict pipeline.
 
-The pattern follows MONAI's ``sliding_window_inference`` (plain functions with a
-``progress`` callback) with three differences that make it faster and lighter:
+The engine follows MONAI's ``sliding_window_inference``: plain functions, and a
+``predictor`` that returns a dict of outputs per batch of windows. Every output (logits
+or probabilities, TTA variance, attention coefficients, Grad-CAM, a layer's
+activation) is blended with the same Gaussian weights and streamed the same way. It
+keeps its own loop, for three reasons measured in ``benchmarks/bench_inference.py``:
 
-* **Fewer, larger windows.** By default the window size is planned per axis from a
-  voxel budget, so that the volume is covered by as few windows as possible with a
-  small overlap; MONAI's defaults (ROI = patch size, overlap 0.25) compute most
-  voxels 3-4 times.
-* **Streaming.** Windows run slab by slab along the first axis. Blended logits are
-  kept only for the slab still receiving windows; finished slices are turned into
-  uint8 labels at once. Full float maps exist only when the caller asks for them.
+* **Fewer, larger windows.** The window size is planned per axis from a voxel budget,
+  so the volume is covered by as few windows as possible with a small overlap;
+  MONAI's defaults (ROI = patch size, overlap 0.25) compute most voxels 3-4 times.
+* **Streaming.** Windows run slab by slab along the first axis. Blended outputs are
+  kept only for the slab still receiving windows; finished slices become uint8 labels
+  at once, and only the maps a caller asks for are kept whole. MONAI given the same
+  plan still holds every output for the whole volume (more memory, and slower).
 * **Batch norm folded** into the convolutions (see :mod:`.network`).
 
-Cancellation: ``progress`` may raise (the GUI raises
-:class:`~napari_medseg.core.errors.Cancelled`); it is called between windows.
+Cancellation: ``progress`` may raise :class:`~napari_medseg.core.errors.Cancelled`;
+it is called between windows.
 """
 
 from __future__ import annotations
@@ -22,24 +25,22 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
+from .devices import autocast, check_device_name, pick_device, uses_amp
 from .errors import MedsegError
-from .preprocess import (
-    labels_from_probabilities_on_scan,
-    labels_to_scan,
-    layer_spacing,
-    prepare,
-    probabilities_to_scan,
-)
+from .pipeline import PreparedScan, body_mask, labels_to_scan, largest_component, layer_spacing, prepare, to_scan
+from .progress import Progress, report, span
 
-Progress = Callable[[float, str], None]
-# Blended float maps on the model grid up to this many bytes are kept so that labels
-# can come from smoothly resampled probabilities; above it labels are streamed.
-KEEP_PROBABILITIES_BYTES = 256 * 2**20
+# The minimum overlap of neighbouring windows, as a fraction of the model's patch.
+DEFAULT_OVERLAP = 0.125
+# Scores on the network grid up to this many bytes are kept, so that labels can come
+# from smoothly resampled scores; above it labels are streamed and placed by nearest voxel.
+KEEP_SCORES_BYTES = 256 * 2**20
+# Mirror flips for test-time augmentation (spatial axes of a (N, C, D, H, W) batch).
+TTA_FLIPS = ((), (2,), (3,), (4,))
 
 
 @dataclass
@@ -48,14 +49,13 @@ class InferenceSettings:
 
     ``roi_size=None`` plans windows automatically (see :func:`plan_windows`);
     ``overlap`` is the minimum overlap of neighbouring windows, as a fraction of
-    the model's patch;
-    ``amp=None`` means automatic mixed precision on CUDA only (bf16 where the GPU
-    supports it, else fp16); ``tta`` averages the logits of mirrored inputs.
+    the model's patch; ``amp=None`` means automatic mixed precision on CUDA only (bf16
+    where the GPU supports it, else fp16); ``tta`` averages mirrored passes.
     """
 
     device: str = "auto"
     roi_size: tuple | None = None
-    overlap: float = 0.125
+    overlap: float = DEFAULT_OVERLAP
     sw_batch_size: int | None = None
     amp: bool | None = None
     tta: bool = False
@@ -64,31 +64,17 @@ class InferenceSettings:
     def __post_init__(self):
         if not 0 <= float(self.overlap) < 1:
             raise MedsegError(f"overlap must be in [0, 1), got {self.overlap}")
-        if self.device not in ("auto", "cpu", "cuda", "mps") and not str(self.device).startswith("cuda:"):
-            raise MedsegError(f"unknown device '{self.device}' (use auto, cpu, cuda or mps)")
+        check_device_name(self.device)
 
 
 @dataclass
 class WindowResult:
-    labels: np.ndarray                       # (D, H, W) uint8 on the grid given
-    probabilities: torch.Tensor | None       # (C, D, H, W) float32 CPU, if asked for
+    labels: np.ndarray | None                       # (D, H, W) uint8 on the grid given
+    maps: dict = field(default_factory=dict)        # name -> (C, D, H, W) float32 CPU tensors
     info: dict = field(default_factory=dict)
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then the CPU; asking for a missing GPU is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MedsegError("--device cuda was asked for, but no CUDA GPU is available (use --device auto or cpu)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise MedsegError("the Apple MPS device is not available here (use auto or cpu)")
-    return torch.device(name)
-
+# -- window planning --------------------------------------------------------------------
 
 def _round_up(value: float, divisor: int) -> int:
     return int(math.ceil(value / divisor) * divisor)
@@ -136,8 +122,8 @@ def plan_windows(shape: tuple, patch_size: tuple, divisor: int, settings: Infere
         roi = tuple(_round_up(min(r, _round_up(n, divisor)), divisor) for r, n in zip(settings.roi_size, shape))
         return roi, [plan_fixed_axis(n, r, settings.overlap) for n, r in zip(shape, roi)]
     budget = settings.window_voxels or (int(np.prod(patch_size)) * (8 if device.type == "cuda" else 3))
-    options = [axis_plans(n, int(math.ceil(settings.overlap * p)), divisor, min(_round_up(p, divisor),
-                                                                                  _round_up(n, divisor)))
+    options = [axis_plans(n, int(math.ceil(settings.overlap * p)), divisor,
+                          min(_round_up(p, divisor), _round_up(n, divisor)))
                for n, p in zip(shape, patch_size)]
     best = None
     for plan in itertools.product(*options):
@@ -164,59 +150,100 @@ def gaussian_importance(roi: tuple, sigma_scale: float = 0.125, device=None) -> 
     return weights.clamp_(min=1e-3).to(device)
 
 
+# -- predictors ------------------------------------------------------------------------
+
+class NetworkPredictor:
+    """Runs a network on a batch of windows and returns its outputs by name.
+
+    ``output`` names what the network returns: ``logits``, or ``probabilities`` for
+    networks that end in a softmax (deepbet's). With ``flips``, the outputs are the mean
+    over mirrored passes; ``variance=True`` adds ``tta_variance``, the variance of the
+    foreground probability across the passes (an uncertainty map).
+    """
+
+    def __init__(self, network: torch.nn.Module, output: str = "logits", amp: bool | None = None,
+                 flips: tuple = ((),), variance: bool = False):
+        self.network, self.output, self.amp = network, output, amp
+        self.flips, self.variance = tuple(flips), variance
+        self.device = torch.device("cpu")
+
+    @property
+    def divisor(self) -> int:
+        return int(getattr(self.network, "divisor", 1))
+
+    def to(self, device: torch.device) -> "NetworkPredictor":
+        # Channels-last lets oneDNN and cuDNN skip the layout copies around every
+        # convolution: about a fifth faster and a third less memory per window on a CPU.
+        self.network = self.network.to(device=device, memory_format=torch.channels_last_3d).eval()
+        self.device = device
+        return self
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.amp):
+            return self.network(windows).float()
+
+    def probabilities_of(self, output: torch.Tensor) -> torch.Tensor:
+        return output if self.output == "probabilities" else torch.softmax(output, 1)
+
+    def __call__(self, windows: torch.Tensor) -> dict:
+        total, probabilities = None, []
+        for dims in self.flips:
+            out = self.forward(windows.flip(dims) if dims else windows)
+            out = out.flip(dims) if dims else out
+            total = out if total is None else total + out
+            if self.variance:
+                probabilities.append(self.probabilities_of(out)[:, 1:].sum(1, keepdim=True))
+        outputs = {self.output: total / len(self.flips) if len(self.flips) > 1 else total}
+        if self.variance:
+            outputs["tta_variance"] = torch.stack(probabilities).var(0, unbiased=False) \
+                if len(probabilities) > 1 else torch.zeros_like(probabilities[0])
+        return outputs
+
+
 class _RetryOnCPU(Exception):
     pass
 
 
-def _autocast(device: torch.device, amp: bool | None):
-    if device.type == "cuda" and amp is not False:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    if device.type == "cpu" and amp:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
+# -- the engine --------------------------------------------------------------------------
 
+def sliding_window(image: torch.Tensor, predictor, patch_size: tuple, settings: InferenceSettings | None = None, *,
+                   labels_from: str | None = "logits", threshold: float | None = None, keep: tuple = (),
+                   progress: Progress | None = None) -> WindowResult:
+    """Run ``predictor`` over a ``(D, H, W)`` or ``(C, D, H, W)`` CPU tensor.
 
-def sliding_window(
-    image: torch.Tensor,
-    network: torch.nn.Module,
-    n_classes: int,
-    patch_size: tuple,
-    settings: InferenceSettings | None = None,
-    keep_probabilities: bool = False,
-    progress: Progress | None = None,
-) -> WindowResult:
-    """Run ``network`` over a ``(D, H, W)`` or ``(C, D, H, W)`` CPU tensor.
-
-    Returns uint8 labels (argmax of Gaussian-blended logits) and, if
-    ``keep_probabilities``, the softmax of the blended logits. A CUDA out-of-memory
-    error halves the window batch and retries; at batch 1 the run restarts on the CPU.
+    ``predictor(windows)`` returns a dict of ``(N, C_k, *window)`` tensors; a plain
+    ``nn.Module`` is wrapped in a :class:`NetworkPredictor`. Each output is blended with
+    Gaussian weights. Labels come from the output ``labels_from`` (the argmax, or class
+    1 above ``threshold``); the outputs named in ``keep`` are returned whole, on the
+    grid given, normalised by the blending weights. A CUDA out-of-memory error halves
+    the window batch and retries; at batch 1 the run restarts on the CPU.
     """
     settings = settings or InferenceSettings()
+    if isinstance(predictor, torch.nn.Module):
+        predictor = NetworkPredictor(predictor, amp=settings.amp,
+                                     flips=TTA_FLIPS if settings.tta else ((),))
     device = pick_device(settings.device)
     messages: list[str] = []
     while True:
         try:
-            result = _sliding_window_on(image, network, n_classes, tuple(patch_size), settings, device,
-                                        keep_probabilities, progress, messages)
+            result = _sliding_window_on(image, predictor.to(device), tuple(patch_size), settings, device,
+                                        labels_from, threshold, tuple(keep), progress, messages)
             result.info["messages"] = messages
             return result
         except _RetryOnCPU:
             messages.append("the GPU ran out of memory even with one window at a time; "
                             "the run continued on the CPU")
-            if progress:
-                progress(0.0, messages[-1])
+            report(progress, 0.0, messages[-1])
             device = torch.device("cpu")
 
 
-def _sliding_window_on(image, network, n_classes, patch_size, settings, device, keep_probabilities,
+def _sliding_window_on(image, predictor, patch_size, settings, device, labels_from, threshold, keep,
                        progress, messages) -> WindowResult:
     started = time.perf_counter()
     if image.ndim == 3:
         image = image[None]
     channels, *shape = image.shape
-    divisor = int(getattr(network, "divisor", 1))
-    roi, starts = plan_windows(tuple(shape), patch_size, divisor, settings, device)
+    roi, starts = plan_windows(tuple(shape), patch_size, predictor.divisor, settings, device)
     padded = [max(n, s[-1] + r) for n, s, r in zip(shape, starts, roi)]
     # Windows reaching past the volume are padded with each channel's minimum (air
     # after normalisation), not 0: a normalised 0 is mid-grey tissue, and the network
@@ -231,68 +258,59 @@ def _sliding_window_on(image, network, n_classes, patch_size, settings, device, 
         filled[:, :part.shape[1], :part.shape[2], :part.shape[3]] = part
         return filled
 
-    # Channels-last lets oneDNN and cuDNN skip the layout copies around every
-    # convolution: about a fifth faster and a third less memory per window on a CPU.
-    network = network.to(device=device, memory_format=torch.channels_last_3d).eval()
     weights = gaussian_importance(roi, device=device)
     batch = settings.sw_batch_size or (4 if device.type == "cuda" else 1)
     depth, height, width = shape
-    labels = np.empty(shape, dtype=np.uint8)
-    probabilities = torch.empty((n_classes, *shape), dtype=torch.float32) if keep_probabilities else None
-    # Rolling slab of blended logits covering [base, base + roi[0]) along axis 0.
-    slab = torch.zeros((n_classes, roi[0], padded[1], padded[2]), dtype=torch.float32, device=device)
-    weight_sum = torch.zeros((roi[0], padded[1], padded[2]), dtype=torch.float32, device=device) \
-        if keep_probabilities else None
+    labels = np.empty(shape, dtype=np.uint8) if labels_from else None
+    wanted = tuple(dict.fromkeys(((labels_from,) if labels_from else ()) + keep))
+    maps: dict[str, torch.Tensor] = {}
+    slabs: dict[str, torch.Tensor] = {}
+    # Rolling slabs of blended outputs covering [base, base + roi[0]) along axis 0.
+    weight_sum = torch.zeros((roi[0], padded[1], padded[2]), dtype=torch.float32, device=device)
     planes = [(y, x) for y in starts[1] for x in starts[2]]
     total = len(starts[0]) * len(planes)
     done = 0
     base = 0
 
     def finish(stop: int) -> None:
-        """Turn slab rows [base, stop) into labels (and probabilities)."""
+        """Turn slab rows [base, stop) into labels and kept maps."""
         rows = min(stop, depth) - base
         if rows <= 0:
             return
-        logits = slab[:, :rows, :height, :width]
-        labels[base:base + rows] = logits.argmax(0).to(torch.uint8).cpu().numpy()
-        if probabilities is not None:
-            normalised = logits / weight_sum[:rows, :height, :width].clamp(min=1e-6)
-            probabilities[:, base:base + rows] = torch.softmax(normalised, 0).cpu()
+        norm = weight_sum[:rows, :height, :width].clamp(min=1e-6)
+        for name, slab in slabs.items():
+            blended = slab[:, :rows, :height, :width] / norm
+            if name in keep:
+                maps[name][:, base:base + rows] = blended.cpu()
+            if name == labels_from:
+                if threshold is not None and blended.shape[0] == 2:
+                    labels[base:base + rows] = (blended[1] > threshold).to(torch.uint8).cpu().numpy()
+                else:
+                    labels[base:base + rows] = blended.argmax(0).to(torch.uint8).cpu().numpy()
 
-    flips = [(), (2,), (3,), (4,)] if settings.tta else [()]
-    with torch.inference_mode():
+    grad_mode = torch.enable_grad() if getattr(predictor, "needs_gradients", False) else torch.inference_mode()
+    with grad_mode:
         for z in starts[0]:
             finish(z)
             shift = z - base
-            if shift >= roi[0]:
-                slab.zero_()
-                if weight_sum is not None:
-                    weight_sum.zero_()
-            elif shift:
-                slab[:, : roi[0] - shift] = slab[:, shift:].clone()
-                slab[:, roi[0] - shift:] = 0
-                if weight_sum is not None:
-                    weight_sum[: roi[0] - shift] = weight_sum[shift:].clone()
-                    weight_sum[roi[0] - shift:] = 0
+            for tensor in [weight_sum, *slabs.values()]:
+                view = tensor if tensor.ndim == 3 else tensor.transpose(0, 1)
+                if shift >= roi[0]:
+                    view.zero_()
+                elif shift:
+                    view[: roi[0] - shift] = view[shift:].clone()
+                    view[roi[0] - shift:] = 0
             base = z
             index = 0
             while index < len(planes):
                 chunk = planes[index:index + batch]
                 windows = torch.stack([window(z, y, x) for y, x in chunk])
                 try:
-                    windows = windows.to(device, non_blocking=True).contiguous(
-                        memory_format=torch.channels_last_3d)
-                    output = None
-                    for dims in flips:
-                        with _autocast(device, settings.amp):
-                            logits = network(windows.flip(dims) if dims else windows)
-                        logits = (logits.flip(dims) if dims else logits).float()
-                        output = logits if output is None else output + logits
-                    if len(flips) > 1:
-                        output /= len(flips)
+                    windows = windows.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last_3d)
+                    outputs = predictor(windows)
                 except torch.OutOfMemoryError:
                     del windows
-                    output = None
+                    outputs = None
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                     if batch > 1:
@@ -302,69 +320,29 @@ def _sliding_window_on(image, network, n_classes, patch_size, settings, device, 
                     if device.type == "cpu":
                         raise MedsegError("not enough memory for one window; pass a smaller ROI") from None
                     raise _RetryOnCPU() from None
-                for (y, x), window_logits in zip(chunk, output):
-                    slab[:, :, y:y + roi[1], x:x + roi[2]] += window_logits * weights
-                    if weight_sum is not None:
-                        weight_sum[:, y:y + roi[1], x:x + roi[2]] += weights
+                missing = [name for name in wanted if name not in outputs]
+                if missing:
+                    raise MedsegError(f"the predictor gave no '{missing[0]}' output")
+                for name in wanted:
+                    if name not in slabs:
+                        n = outputs[name].shape[1]
+                        slabs[name] = torch.zeros((n, roi[0], padded[1], padded[2]), dtype=torch.float32,
+                                                  device=device)
+                        if name in keep:
+                            maps[name] = torch.empty((n, *shape), dtype=torch.float32)
+                for position, (y, x) in enumerate(chunk):
+                    for name in wanted:
+                        slabs[name][:, :, y:y + roi[1], x:x + roi[2]] += outputs[name][position].detach() * weights
+                    weight_sum[:, y:y + roi[1], x:x + roi[2]] += weights
+                del outputs
                 index += len(chunk)
                 done += len(chunk)
-                if progress:
-                    progress(done / total, f"window {done} of {total}")
+                report(progress, done / total, f"window {done} of {total}")
         finish(depth)
     info = {"device": str(device), "roi_size": list(roi), "windows": total, "window_batch": batch,
-            "amp": bool(device.type == "cuda" and settings.amp is not False) or bool(settings.amp),
-            "tta": settings.tta, "seconds": time.perf_counter() - started}
-    return WindowResult(labels, probabilities, info)
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest face-connected part of a boolean mask (the mask itself if it has one part)."""
-    from scipy import ndimage
-
-    components, count = ndimage.label(mask)
-    if count <= 1:
-        return mask
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    return components == sizes.argmax()
-
-
-def head_mask(image: torch.Tensor) -> np.ndarray:
-    """Voxels inside the imaged body: above an Otsu threshold, holes filled, largest part."""
-    from scipy import ndimage
-    from skimage.filters import threshold_otsu
-
-    values = image.numpy()
-    step = max(1, int(round((values.size / 1e6) ** (1 / 3))))
-    threshold = threshold_otsu(values[::step, ::step, ::step])
-    body = largest_component(ndimage.binary_opening(values > threshold, iterations=1))
-    # Close gaps in the outline before filling, so dark enclosed parts (CSF, sinuses) count.
-    body = ndimage.binary_closing(body, iterations=3)
-    return ndimage.binary_fill_holes(body)
-
-
-def postprocess(result: WindowResult, image: torch.Tensor, steps: dict) -> None:
-    """Model-declared clean-up on the model grid (``card["postprocessing"]``), in place.
-
-    ``inside_body``: labels only inside the imaged body (Otsu, filled), so that noise in
-    the air around a head is never labelled. ``largest_component``: keep only each
-    label's largest connected part.
-    """
-    keep = np.ones(result.labels.shape, dtype=bool)
-    if steps.get("inside_body"):
-        keep &= head_mask(image)
-    if steps.get("largest_component"):
-        for value in np.unique(result.labels[keep]):
-            if value == 0:
-                continue
-            keep &= (result.labels != value) | largest_component((result.labels == value) & keep)
-    if keep.all():
-        return
-    result.labels[~keep] = 0
-    if result.probabilities is not None:
-        outside = torch.from_numpy(~keep)
-        result.probabilities[1:, outside] = 0
-        result.probabilities[0, outside] = 1
+            "amp": uses_amp(device, settings.amp), "tta": settings.tta,
+            "seconds": time.perf_counter() - started}
+    return WindowResult(labels, maps, info)
 
 
 # -- the whole pipeline ------------------------------------------------------------------
@@ -379,62 +357,123 @@ class Segmentation:
     label_colors: dict
     spacing: tuple
     info: dict = field(default_factory=dict)
+    expected_ml: dict = field(default_factory=dict)    # label value -> (low, high) plausible mL
+
+    @property
+    def warnings(self) -> list:
+        return self.info.setdefault("warnings", [])
 
     def volumes(self) -> list[dict]:
-        """Per-label voxel count and volume in mL (background excluded)."""
-        return label_volumes(self.labels, self.spacing, self.label_names)
+        """Per-label voxel count and volume in mL (background excluded), flagged when implausible."""
+        return label_volumes(self.labels, self.spacing, self.label_names, self.expected_ml)
 
 
-def label_volumes(labels: np.ndarray, spacing: tuple, names: dict | None = None) -> list[dict]:
+def label_volumes(labels: np.ndarray, spacing: tuple, names: dict | None = None,
+                  expected_ml: dict | None = None) -> list[dict]:
+    """Per-label voxel count and mL; a row outside its ``expected_ml`` range gets a ``warning``."""
     counts = np.bincount(np.asarray(labels).ravel(), minlength=max(names or {0: 0}) + 1)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     rows = []
     for value in range(1, len(counts)):
         if counts[value] == 0 and names is not None and value not in names:
             continue
-        rows.append({"value": value, "name": (names or {}).get(value, f"label {value}"),
-                     "voxels": int(counts[value]), "ml": float(counts[value]) * voxel_ml})
+        row = {"value": value, "name": (names or {}).get(value, f"label {value}"),
+               "voxels": int(counts[value]), "ml": float(counts[value]) * voxel_ml}
+        low_high = (expected_ml or {}).get(value)
+        if low_high is not None and not low_high[0] <= row["ml"] <= low_high[1]:
+            row["warning"] = (f"{row['ml']:.0f} mL is outside the {low_high[0]:.0f}-{low_high[1]:.0f} mL "
+                              f"expected for {row['name']}")
+        rows.append(row)
     return rows
 
 
+def predictor_for(model, settings: InferenceSettings, variance: bool = False) -> NetworkPredictor:
+    """The predictor that runs ``model``'s network as its card declares."""
+    return NetworkPredictor(model.network, output=model.card.pipeline.output, amp=settings.amp,
+                            flips=TTA_FLIPS if settings.tta else ((),), variance=variance)
+
+
+def postprocess(labels: np.ndarray, image, steps: tuple) -> np.ndarray:
+    """Model-declared clean-up on the scan grid (``card.pipeline.postprocessing``), in place.
+
+    ``inside_body``: labels only inside the imaged body, so that noise in the air around
+    a head is never labelled. ``largest_component``: each label's largest connected
+    part. ``fill_holes``: enclosed background inside a label joins it.
+    """
+    from scipy import ndimage
+
+    if "inside_body" in steps:
+        labels[~body_mask(image)] = 0
+    values = [int(v) for v in np.unique(labels) if v != 0]
+    for value in values:
+        mask = labels == value
+        if "largest_component" in steps:
+            keep = largest_component(mask)
+            labels[mask & ~keep] = 0
+            mask = keep
+        if "fill_holes" in steps:
+            filled = ndimage.binary_fill_holes(mask)
+            labels[filled & (labels == 0)] = value
+    return labels
+
+
 def segment(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, settings: InferenceSettings | None = None,
-            want_probabilities: bool = False, progress: Progress | None = None) -> Segmentation:
+            want_probabilities: bool = False, apply_postprocessing: bool = True,
+            progress: Progress | None = None) -> Segmentation:
     """Segment a layer-order scan with a loaded :class:`~napari_medseg.core.models.Model`.
 
-    Steps: normalise and resample to the model's voxel size (5 %), sliding window
-    (90 %), back onto the scan grid (5 %). The result shares the scan's grid.
+    Steps: the card's pipeline onto the network grid (5 %), sliding window (85 %), back
+    onto the scan grid and the declared post-processing (10 %). The result shares the
+    scan's grid; implausible results carry warnings (see :mod:`.domain`).
     """
+    from .domain import result_warnings
+
     settings = settings or InferenceSettings()
     card = model.card
-
-    def report(start: float, span: float):
-        if progress is None:
-            return None
-        return lambda fraction, message: progress(start + span * fraction, message)
-
-    if progress:
-        progress(0.0, "preparing the scan")
-    spacing = layer_spacing(layer_affine_ras)
-    if np.asarray(layer_array).ndim != 3 or min(np.shape(layer_array)) < 2:
-        raise MedsegError(f"segmentation needs a 3D scan; this one has shape {tuple(np.shape(layer_array))}")
-    prepared = prepare(layer_array, spacing, card["normalisation"], card.get("target_spacing"))
-    n_classes = len(card["labels"])
-    model_bytes = 4 * n_classes * int(np.prod(prepared.model_shape))
-    smooth = prepared.resampled and model_bytes <= KEEP_PROBABILITIES_BYTES
-    result = sliding_window(prepared.tensor, model.network, n_classes, tuple(card["patch_size"]), settings,
-                            keep_probabilities=want_probabilities or smooth, progress=report(0.05, 0.9))
-    postprocess(result, prepared.tensor, card.get("postprocessing") or {})
-    if progress:
-        progress(0.95, "mapping the result onto the scan grid")
+    report(progress, 0.0, "preparing the scan")
+    prepared = prepare(layer_array, layer_affine_ras, card, model.roi_network, pick_device(settings.device))
+    output = card.pipeline.output
+    # Labels come from linearly resampled scores when the grid differs and the scores fit
+    # in memory; otherwise they are streamed on the network grid and placed by nearest voxel.
+    score_bytes = 4 * card.n_classes * int(np.prod(prepared.model_shape))
+    smooth = prepared.resampled and score_bytes <= KEEP_SCORES_BYTES
+    result = sliding_window(prepared.tensor, predictor_for(model, settings), card.pipeline.patch_size, settings,
+                            labels_from=output, threshold=card.pipeline.threshold,
+                            keep=(output,) if (smooth or want_probabilities) else (),
+                            progress=span(progress, 0.05, 0.85))
+    report(progress, 0.9, "mapping the result onto the scan grid")
+    scores = result.maps.get(output)
     probabilities = None
-    if prepared.resampled and smooth:
-        labels = labels_from_probabilities_on_scan(result.probabilities, prepared.scan_shape)
+    if scores is not None and output == "logits":
+        scores = torch.softmax(scores, 0)
+    if smooth:
+        labels = labels_to_scan(scores, prepared, card.pipeline.threshold)
     else:
-        labels = labels_to_scan(result.labels, prepared.scan_shape)
+        labels = labels_to_scan_nearest(result.labels, prepared)
     if want_probabilities:
-        probabilities = probabilities_to_scan(result.probabilities, prepared.scan_shape).numpy()
-    info = dict(result.info, model=model.title, model_sha256=card.get("content_sha256"),
-                model_shape=list(prepared.model_shape), scan_shape=list(prepared.scan_shape))
-    if progress:
-        progress(1.0, "done")
-    return Segmentation(labels, probabilities, model.label_names, model.label_colors, spacing, info)
+        probabilities = to_scan(scores, prepared, [1.0] + [0.0] * (scores.shape[0] - 1))
+    raw_labels = labels.copy() if apply_postprocessing and card.pipeline.postprocessing else labels
+    if apply_postprocessing and card.pipeline.postprocessing:
+        postprocess(labels, layer_array, card.pipeline.postprocessing)
+    info = dict(result.info, model=model.title, model_sha256=card.content_sha256,
+                model_shape=list(prepared.model_shape), scan_shape=list(prepared.layer_shape),
+                region=prepared.info.get("region"), postprocessed=bool(apply_postprocessing))
+    segmentation = Segmentation(labels, probabilities, card.label_names, card.label_colors,
+                                layer_spacing(layer_affine_ras), info,
+                                {label.value: label.expected_ml for label in card.labels if label.expected_ml})
+    segmentation.warnings.extend(result_warnings(segmentation, raw_labels, layer_array, card))
+    report(progress, 1.0, "done")
+    return segmentation
+
+
+def labels_to_scan_nearest(labels: np.ndarray, prepared: PreparedScan) -> np.ndarray:
+    """Labels computed on the network grid, put back on the scan grid by nearest voxel."""
+    from .pipeline import from_working
+
+    full = np.zeros(prepared.working_shape, dtype=np.uint8)
+    if tuple(labels.shape) != prepared.region_shape:
+        index = [np.minimum(((np.arange(m) + 0.5) * n / m).astype(np.intp), n - 1)
+                 for n, m in zip(labels.shape, prepared.region_shape)]
+        labels = labels[np.ix_(*index)]
+    full[prepared.region] = labels
+    return np.ascontiguousarray(from_working(full, prepared.axis_order))

@@ -7,7 +7,6 @@ subclasses for bad input, with a message fit to show a radiologist.
 from __future__ import annotations
 
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +23,9 @@ from .errors import (
     UnreadableScanError,
 )
 from .geometry import ScanGeometry, check_affine, itk_to_ras_affine, ras_affine_to_itk
-
-Progress = Callable[[float, str], None]
+from .outputs import write_files
+from .privacy import native_messages, quiet_simpleitk
+from .progress import Progress
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -128,6 +128,9 @@ def read_volume(
     path = Path(path)
     if not path.exists():
         raise UnreadableScanError(f"'{path.name}' does not exist")
+    if series is not None and not path.is_dir():
+        raise UnreadableScanError(f"'{path.name}' is a single file, not a folder of DICOM series; "
+                                  "a series can only be chosen in a folder")
     if path.is_dir():
         volume = dicom.read_series(path, series=series, progress=progress, finish=_finish_itk)
     else:
@@ -234,10 +237,10 @@ def _sitk_array(image) -> np.ndarray:
 
 
 def _read_itk_file(path: Path, volume_index: int | None) -> Volume:
-    import SimpleITK as sitk
-
+    sitk = quiet_simpleitk()
     try:
-        image = sitk.ReadImage(str(path))
+        with native_messages():
+            image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise UnreadableScanError(f"'{path.name}' could not be read: {_itk_reason(exc)}") from None
     return _finish_itk(image, path.name, _display_name(path), volume_index,
@@ -302,14 +305,15 @@ def _pick_volume(filename: str, data: np.ndarray, volume_index: int | None):
         data = data[..., 0]
     info: dict = {}
     if data.ndim == 3:
+        if volume_index not in (None, 0):
+            raise NotAVolumeError(f"'{filename}' is a single 3D volume; there is no volume {volume_index}")
         return data, info
     if data.ndim > 4:
         raise NotAVolumeError(f"'{filename}' has {data.ndim} dimensions {data.shape}; only 3D and 4D are supported")
     n = int(data.shape[3])
     if volume_index is None:
-        raise MultiVolumeError(
-            f"'{filename}' is 4D with {n} volumes: choose one (volume 0 to {n - 1})", n_volumes=n
-        )
+        raise MultiVolumeError(f"'{filename}' is 4D with {n} volumes, numbered 0 to {n - 1}; choose one",
+                               n_volumes=n)
     if not 0 <= volume_index < n:
         raise NotAVolumeError(f"'{filename}' has volumes 0 to {n - 1}; volume {volume_index} does not exist")
     info["volume"] = f"{volume_index} of {n}"
@@ -362,12 +366,6 @@ def _sanitize(volume: Volume) -> None:
     if volume.data.dtype == bool:
         volume.data = volume.data.astype(np.uint8)
     _guess_modality(volume)
-    g = volume.geometry
-    if g.is_oblique:
-        volume.warnings.append(
-            "the scan is oblique: 3D view and world coordinates are exact; "
-            "2D slices are shown along the nearest voxel axes"
-        )
 
 
 # -- writing ------------------------------------------------------------------
@@ -377,7 +375,13 @@ def write_mask(path: str | os.PathLike, layer_mask: np.ndarray, geometry: ScanGe
 
     The file is written to a temporary name beside the target and then renamed, so a
     full disk or a crash never leaves a half-written mask or destroys an older one.
+    The folder must exist (see :mod:`napari_medseg.core.outputs`).
     """
+    return write_files([mask_file(path, layer_mask, geometry)])[0]
+
+
+def mask_file(path: str | os.PathLike, layer_mask: np.ndarray, geometry: ScanGeometry) -> tuple:
+    """``(path, write, suffix)`` for :func:`~napari_medseg.core.outputs.write_files`: a mask."""
     path = Path(path)
     lower = str(path).lower()
     if not lower.endswith(MASK_SUFFIXES):
@@ -392,31 +396,8 @@ def write_mask(path: str | os.PathLike, layer_mask: np.ndarray, geometry: ScanGe
     file_mask = file_mask.astype(dtype, copy=False)
     suffix = ".nii.gz" if lower.endswith(".nii.gz") else path.suffix
     if lower.endswith(NIFTI_SUFFIXES):
-        return save_atomically(path, lambda tmp: nib.save(_nifti_mask(file_mask, geometry), tmp), suffix)
-    return save_atomically(path, lambda tmp: _write_itk_mask(file_mask, geometry, tmp), suffix)
-
-
-def save_atomically(path: Path, write: Callable[[str], None], suffix: str = "", *,
-                    error: type[MedsegError] = MedsegError, label: str | None = None) -> Path:
-    """Run ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
-
-    A full disk or a crash never leaves a half-written file or destroys an older one;
-    an ``OSError`` becomes ``error`` naming ``label`` (default: the file name).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".medseg-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        publish(tmp, path)
-    except OSError as exc:
-        _remove_quietly(tmp)
-        raise error(f"could not write {label or repr(path.name)}: {exc.strerror or exc}; "
-                    "no file was changed") from None
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    return path
+        return path, lambda tmp: nib.save(_nifti_mask(file_mask, geometry), tmp), suffix
+    return path, lambda tmp: _write_itk_mask(file_mask, geometry, tmp), suffix
 
 
 def write_map(path: str | os.PathLike, layer_maps: np.ndarray, geometry: ScanGeometry) -> Path:
@@ -425,6 +406,11 @@ def write_map(path: str | os.PathLike, layer_maps: np.ndarray, geometry: ScanGeo
     Several maps become one 4D file with the maps along the last axis. Written
     atomically, like :func:`write_mask`.
     """
+    return write_files([map_file(path, layer_maps, geometry)])[0]
+
+
+def map_file(path: str | os.PathLike, layer_maps: np.ndarray, geometry: ScanGeometry) -> tuple:
+    """``(path, write, suffix)`` for :func:`~napari_medseg.core.outputs.write_files`: float maps."""
     path = Path(path)
     if not str(path).lower().endswith(NIFTI_SUFFIXES):
         raise MedsegError(f"cannot save maps as '{path.name}': use .nii.gz or .nii")
@@ -438,7 +424,7 @@ def write_map(path: str | os.PathLike, layer_maps: np.ndarray, geometry: ScanGeo
     img.set_sform(geometry.affine_ras, code="scanner")
     img.set_data_dtype(np.float32)
     suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
-    return save_atomically(path, lambda tmp: nib.save(img, tmp), suffix)
+    return path, lambda tmp: nib.save(img, tmp), suffix
 
 
 def _nifti_mask(file_mask: np.ndarray, geometry: ScanGeometry):
@@ -460,8 +446,7 @@ def _nifti_mask(file_mask: np.ndarray, geometry: ScanGeometry):
 
 
 def _write_itk_mask(file_mask: np.ndarray, geometry: ScanGeometry, tmp: str) -> None:
-    import SimpleITK as sitk
-
+    sitk = quiet_simpleitk()
     itk = geometry.itk or ras_affine_to_itk(geometry.affine_ras)
     image = sitk.GetImageFromArray(np.ascontiguousarray(file_mask.T))
     image.SetOrigin([float(v) for v in itk["origin"]])
@@ -471,25 +456,6 @@ def _write_itk_mask(file_mask: np.ndarray, geometry: ScanGeometry, tmp: str) -> 
         sitk.WriteImage(image, tmp, True)
     except RuntimeError as exc:
         raise OSError(_itk_reason(exc)) from None
-
-
-def publish(tmp: str, path: str | os.PathLike) -> None:
-    """Atomically move a finished temporary file into place with normal permissions.
-
-    ``mkstemp`` creates files readable by their owner only; saved masks and models
-    should be as shareable as any other file the user writes (umask applies).
-    """
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
-    os.replace(tmp, path)
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _short(exc: BaseException, path: Path | None = None) -> str:

@@ -1,4 +1,12 @@
-"""A 3D U-Net with additive attention gates (Oktay et al., 2018), built for speed.
+"""Segmentation networks: an attention U-Net of our own, and published networks rebuilt eagerly.
+
+:class:`AttentionUNet3D` is a 3D U-Net with additive attention gates (Oktay et al.,
+2018), built for speed. :class:`LinkNet3d` is deepbet's brain-extraction network
+(Fisch et al. 2024), rebuilt as an ordinary ``nn.Module`` from the structure of its
+TorchScript graph so that it loads deepbet's weights exactly, trains, and takes forward
+hooks (TorchScript modules refuse them, which rules out Grad-CAM and layer maps).
+
+The attention U-Net in detail:
 
 Design choices, with cost in mind (MONAI's ``AttentionUnet`` of similar width runs
 about 10x slower than its ``UNet`` on a CPU):
@@ -176,7 +184,118 @@ class AttentionUNet3D(nn.Module):
         return self.head(x)
 
 
-ARCHITECTURES = {"AttentionUNet3D": AttentionUNet3D}
+class _ResidualBlock(nn.Module):
+    """Two 3x3x3 convolutions with instance norm and a residual connection (ResNet's basic block)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.double_conv = nn.Sequential(
+            nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+            nn.InstanceNorm3d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.InstanceNorm3d(out_channels),
+        )
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(nn.Conv3d(in_channels, out_channels, 1, stride=stride, bias=False),
+                                            nn.InstanceNorm3d(out_channels))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.act(self.double_conv(x) + shortcut)
+
+
+class _EncoderStage(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.block1 = _ResidualBlock(in_channels, out_channels, stride)
+        self.block2 = _ResidualBlock(out_channels, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block2(self.block1(x))
+
+
+class _DecoderStage(nn.Module):
+    """1x1 reduction to a quarter, a 3x3x3 transposed convolution, 1x1 expansion (LinkNet)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        inner = in_channels // 4
+        self.conv1 = nn.Sequential(nn.Conv3d(in_channels, inner, 1, bias=False), nn.InstanceNorm3d(inner),
+                                   nn.ReLU(inplace=True))
+        self.tp_conv = nn.Sequential(
+            nn.ConvTranspose3d(inner, inner, 3, stride=stride, padding=1, output_padding=stride - 1, bias=False),
+            nn.InstanceNorm3d(inner), nn.ReLU(inplace=True))
+        self.conv2 = nn.Sequential(nn.Conv3d(inner, out_channels, 1, bias=False), nn.InstanceNorm3d(out_channels),
+                                   nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.tp_conv(self.conv1(x)))
+
+
+class LinkNet3d(nn.Module):
+    """deepbet's LinkNet3d (Fisch et al. 2024): a ResNet-18-like encoder with additive skips.
+
+    Layout read from deepbet 1.0.2's TorchScript graph: a 7x7x7 stride-2 convolution,
+    instance norm, ReLU and a 3x3x3 stride-2 max-pool (``init``); four encoder stages of
+    two residual blocks (16, 32, 64, 128 channels; stride 1, 2, 2, 2); four LinkNet
+    decoder stages whose outputs are added to the matching encoder outputs; then a
+    stride-2 transposed convolution, a 3x3x3 convolution and a final stride-2
+    transposed convolution to the classes. Instance norm has no learned parameters.
+    The network ends in a softmax (``output: probabilities`` in the model card), as
+    deepbet's does; :meth:`logits` gives the values before it, for Grad-CAM.
+
+    Inputs must be divisible by 32 along every axis. Module names match deepbet's, so
+    its ``state_dict`` loads with every key matching.
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 2, channels: tuple = (16, 32, 64, 128)):
+        super().__init__()
+        self.hparams = {"in_channels": in_channels, "out_channels": out_channels, "channels": list(channels)}
+        c0, c1, c2, c3 = channels
+        self.init = nn.Sequential(nn.Conv3d(in_channels, c0, 7, stride=2, padding=3, bias=False),
+                                  nn.InstanceNorm3d(c0), nn.ReLU(inplace=True),
+                                  nn.MaxPool3d(3, stride=2, padding=1))
+        self.down0 = _EncoderStage(c0, c0, 1)
+        self.down1 = _EncoderStage(c0, c1, 2)
+        self.down2 = _EncoderStage(c1, c2, 2)
+        self.down3 = _EncoderStage(c2, c3, 2)
+        self.up0 = _DecoderStage(c3, c2, 2)
+        self.up1 = _DecoderStage(c2, c1, 2)
+        self.up2 = _DecoderStage(c1, c0, 2)
+        self.up3 = _DecoderStage(c0, c0, 1)
+        half = c0 // 2
+        self.tp_conv1 = nn.Sequential(nn.ConvTranspose3d(c0, half, 3, stride=2, padding=1, output_padding=1),
+                                      nn.InstanceNorm3d(half), nn.ReLU(inplace=True))
+        self.conv = nn.Sequential(nn.Conv3d(half, half, 3, padding=1), nn.InstanceNorm3d(half),
+                                  nn.ReLU(inplace=True))
+        self.tp_conv2 = nn.ConvTranspose3d(half, out_channels, 2, stride=2)
+
+    divisor = 32
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        e0 = self.init(x)
+        e1 = self.down0(e0)
+        e2 = self.down1(e1)
+        e3 = self.down2(e2)
+        d = self.up0(self.down3(e3)) + e3
+        del e3
+        d = self.up1(d) + e2
+        del e2
+        d = self.up2(d) + e1
+        del e1
+        d = self.up3(d) + e0
+        del e0
+        return self.tp_conv2(self.conv(self.tp_conv1(d)))
+
+    def forward(self, x: torch.Tensor, return_logits: bool = False) -> torch.Tensor:
+        logits = self.logits(x)
+        return logits if return_logits else torch.softmax(logits, dim=1)
+
+
+ARCHITECTURES = {"AttentionUNet3D": AttentionUNet3D, "LinkNet3d": LinkNet3d}
 
 
 def build_network(architecture: str, hparams: dict) -> nn.Module:

@@ -1,28 +1,33 @@
-"""Training a segmentation model from a Medical Segmentation Decathlon / nnU-Net folder.
+"""Training and fine-tuning: one data path, one loop, for ``train``, ``finetune`` and the widgets.
 
-Layout read: ``dataset.json`` plus ``imagesTr/`` and ``labelsTr/``. Both the MSD
-form (``"training": [{"image": ..., "label": ...}]``, labels ``{"0": "background"}``)
-and the nnU-Net v2 form (``imagesTr/CASE_0000.nii.gz``, labels ``{"background": 0}``)
-are accepted. Images are read with :func:`napari_medseg.core.io.read_volume`, so any
-supported format and orientation works.
+Every training case goes through the model card's own prediction pipeline
+(:func:`napari_medseg.core.pipeline.prepare`): the same axis order, region of
+interest, grid and normalisation as at inference. Its label (and, for fine-tuning, the
+map of voxels a reviewer changed) is carried onto the same grid by nearest voxel.
+Training samples are random crops of that grid with random rotation, scale, mirror
+and intensity changes; optionally (``synthesis_probability``, after SynthStrip, Hoopes
+et al. 2022) every tissue class gets a random intensity, so a model learns shape
+rather than one contrast.
 
-Robustness comes from augmentation done on the fly, on the model grid:
+Each sample draws its randomness from its own generator, seeded by ``(seed, step,
+sample)``. So a run that resumes from a checkpoint reaches the same weights as one
+that never stopped, and under ``torchrun`` (PyTorch DDP: gloo on the CPU, NCCL on
+GPUs) each process computes its share of the same global batch: two processes give
+the same model as one.
 
-* **spatial**: random rotation (any axis), anisotropic scale, shift and crop, so the
-  model sees heads in any position and field of view;
-* **intensity**: gamma, bias field, noise, blur, low resolution along one axis
-  (thick slices);
-* **synthesis** (after SynthStrip, Hoopes et al. 2022): each label is split into
-  intensity tissue classes and, for a share of the samples, every class gets a random
-  intensity, so the model learns shape rather than one contrast.
+Datasets are Medical Segmentation Decathlon or nnU-Net v2 folders: ``dataset.json``
+plus ``imagesTr/`` and ``labelsTr/`` (``"training": [{"image": ..., "label": ...}]``
+with labels ``{"0": "background"}``, or ``imagesTr/CASE_0000.nii.gz`` with labels
+``{"background": 0}``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -30,23 +35,44 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .card import ModelCard
 from .errors import MedsegError
-from .geometry import LAYER_AXCODES
 from .io import read_volume
-from .preprocess import intensity_parameters, layer_spacing
+from .metrics import mean_dice
+from .pipeline import PreparedScan, intensity_statistics, normalise, prepare, to_working
+from .progress import Progress, report
 
-Progress = Callable[[float, str], None]
 TISSUES_PER_LABEL = 3
+PALETTE = [(0, 0, 0, 0), (0.95, 0.35, 0.2, 1), (0.2, 0.6, 1.0, 1), (0.3, 0.85, 0.3, 1),
+           (0.95, 0.8, 0.2, 1), (0.7, 0.4, 0.9, 1), (0.2, 0.85, 0.85, 1), (0.95, 0.5, 0.75, 1)]
 
+
+def default_color(value: int) -> list:
+    if value < len(PALETTE):
+        return list(PALETTE[value])
+    rng = np.random.default_rng(value)
+    return [*map(float, rng.uniform(0.3, 1.0, 3)), 1.0]
+
+
+class DatasetError(MedsegError):
+    """A dataset with faults; ``faults`` holds one line per fault, each naming its file."""
+
+    def __init__(self, faults: list[str]):
+        super().__init__(f"the dataset has {len(faults)} fault(s): " + "; ".join(faults))
+        self.faults = [str(MedsegError(f)) for f in faults]
+
+
+# -- reading a dataset -------------------------------------------------------------------
 
 @dataclass
-class TrainingCase:
+class ScanCase:
+    """One scan with its label in layer order (S, P, L), before any model's pipeline."""
+
     name: str
-    image: torch.Tensor      # (D, H, W) float32, layer order
-    label: torch.Tensor      # (D, H, W) uint8
-    tissue: torch.Tensor     # (D, H, W) uint8 tissue classes for synthesis
-    spacing: tuple
+    image: np.ndarray            # float32
+    label: np.ndarray            # uint8
     layer_affine_ras: np.ndarray
+    changed: np.ndarray | None = None   # bool: voxels a reviewer changed (fine-tuning)
 
 
 @dataclass
@@ -56,34 +82,47 @@ class Dataset:
     modality: str
 
 
-def _tissue_classes(image: np.ndarray, label: np.ndarray) -> np.ndarray:
-    """Split every label into intensity tertiles; dark background (air) is its own class."""
-    tissue = np.zeros(label.shape, dtype=np.uint8)
-    high = float(np.percentile(image, 99))
-    next_id = 1
-    for value in np.unique(label):
-        inside = label == value
-        values = image[inside]
-        if value == 0:
-            air = inside & (image < 0.1 * high)
-            inside = inside & ~air
-            values = image[inside]
-            next_id += 1  # class 0 stays "air"
-        if values.size == 0:
-            continue
-        edges = np.percentile(values, np.linspace(0, 100, TISSUES_PER_LABEL + 1)[1:-1])
-        tissue[inside] = next_id + np.digitize(values, edges).astype(np.uint8)
-        next_id += TISSUES_PER_LABEL
-    return tissue
+def _label_names(meta: dict, faults: list) -> list:
+    labels = meta.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        faults.append("dataset.json: 'labels' must be an object such as {\"0\": \"background\", \"1\": \"brain\"} "
+                      "or {\"background\": 0, \"brain\": 1}")
+        return []
+    try:
+        if all(str(k).isdigit() for k in labels):
+            pairs = sorted((int(k), str(v)) for k, v in labels.items())
+        else:
+            pairs = sorted((int(v), str(k)) for k, v in labels.items())
+    except (TypeError, ValueError):
+        faults.append("dataset.json: every label needs a whole-number value")
+        return []
+    if [value for value, _ in pairs] != list(range(len(pairs))):
+        faults.append(f"dataset.json: label values must be 0..N-1, got {[value for value, _ in pairs]}")
+        return []
+    if len(pairs) < 2:
+        faults.append("dataset.json must name at least two labels (background and one structure)")
+    return [name for _, name in pairs]
 
 
-def _entries(data_dir: Path, meta: dict) -> list[tuple[Path, Path]]:
-    pairs = []
-    for item in meta.get("training", []):
-        if isinstance(item, dict) and "image" in item and "label" in item:
+def _entries(data_dir: Path, meta: dict, faults: list) -> list[tuple[Path, Path]]:
+    training = meta.get("training")
+    if training is not None:
+        if not isinstance(training, list):
+            faults.append("dataset.json: 'training' must be a list of {\"image\": ..., \"label\": ...} entries")
+            return []
+        pairs = []
+        for index, item in enumerate(training):
+            if not isinstance(item, dict):
+                faults.append(f"dataset.json: training entry {index} is not an object")
+                continue
+            missing = [key for key in ("image", "label") if not isinstance(item.get(key), str)]
+            if missing:
+                faults.append(f"dataset.json: training entry {index} has no '{missing[0]}' key")
+                continue
             pairs.append((data_dir / item["image"], data_dir / item["label"]))
-    if pairs:
-        return pairs
+        if pairs or faults:
+            return pairs
+    pairs = []
     for label in sorted((data_dir / "labelsTr").glob("*")):
         if label.name.startswith("."):
             continue
@@ -91,60 +130,146 @@ def _entries(data_dir: Path, meta: dict) -> list[tuple[Path, Path]]:
         suffix = label.name[len(stem):]
         candidates = [data_dir / "imagesTr" / f"{stem}_0000{suffix}", data_dir / "imagesTr" / label.name]
         image = next((c for c in candidates if c.exists()), None)
-        if image is not None:
+        if image is None:
+            faults.append(f"{label.name}: no image for this label in imagesTr/")
+        else:
             pairs.append((image, label))
     return pairs
 
 
 def read_dataset(data_dir: str | Path, progress: Progress | None = None) -> Dataset:
-    """Read every training case of an MSD / nnU-Net folder into memory (layer order)."""
+    """Read and check every case of an MSD / nnU-Net folder; all faults are reported together."""
     data_dir = Path(data_dir)
     meta_path = data_dir / "dataset.json"
     if not meta_path.is_file():
         raise MedsegError(f"'{data_dir.name}' has no dataset.json (expected the MSD / nnU-Net layout)")
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MedsegError(f"dataset.json in '{data_dir.name}' is not valid JSON ({exc})") from None
-    labels = meta.get("labels") or {}
-    if labels and all(str(k).isdigit() for k in labels):
-        names = [labels[k] for k in sorted(labels, key=int)]
-    else:
-        names = [name for name, _ in sorted(labels.items(), key=lambda kv: int(kv[1]))]
-    if len(names) < 2:
-        raise MedsegError("dataset.json must name at least two labels (background and one structure)")
+    if not isinstance(meta, dict):
+        raise DatasetError([f"dataset.json must be an object with 'labels' and 'training', not a {type(meta).__name__}"])
+    faults: list[str] = []
+    names = _label_names(meta, faults)
     modality_map = meta.get("modality") or meta.get("channel_names") or {"0": "MR"}
-    modality = str(next(iter(modality_map.values()))).upper()
-    modality = "CT" if "CT" in modality else "MR"
-    pairs = _entries(data_dir, meta)
-    if not pairs:
-        raise MedsegError(f"no training cases found in '{data_dir.name}' (imagesTr/ and labelsTr/)")
+    first = next(iter(modality_map.values()), "MR") if isinstance(modality_map, dict) else "MR"
+    modality = "CT" if "CT" in str(first).upper() else "MR"
+    pairs = _entries(data_dir, meta, faults)
+    if not pairs and not faults:
+        faults.append(f"no training cases found in '{data_dir.name}' (imagesTr/ and labelsTr/)")
     cases = []
     for index, (image_path, label_path) in enumerate(pairs):
-        image = read_volume(image_path)
-        label = read_volume(label_path)
-        if label.geometry.file_shape != image.geometry.file_shape:
-            raise MedsegError(f"label '{label_path.name}' has shape {label.geometry.file_shape} but its "
-                              f"image has {image.geometry.file_shape}")
-        image_layer = np.asarray(image.layer_data(), dtype=np.float32)
-        label_layer = np.asarray(image.geometry.to_layer(np.asarray(label.data)), dtype=np.int64)
-        if label_layer.min() < 0 or label_layer.max() >= len(names):
-            raise MedsegError(f"label '{label_path.name}' holds values outside 0..{len(names) - 1}")
-        label_layer = label_layer.astype(np.uint8)
-        cases.append(TrainingCase(
-            name=label_path.name.split(".")[0],  # nnU-Net images carry a _0000 channel suffix
-            image=torch.from_numpy(np.ascontiguousarray(image_layer)),
-            label=torch.from_numpy(np.ascontiguousarray(label_layer)),
-            tissue=torch.from_numpy(_tissue_classes(image_layer, label_layer)),
-            spacing=layer_spacing(image.geometry.layer_affine_ras),
-            layer_affine_ras=image.geometry.layer_affine_ras,
-        ))
-        if progress:
-            progress((index + 1) / len(pairs), f"read case {index + 1} of {len(pairs)}")
+        case = _read_case(image_path, label_path, len(names), faults)
+        if case is not None:
+            cases.append(case)
+        report(progress, (index + 1) / len(pairs), f"read case {index + 1} of {len(pairs)}")
+    if faults:
+        raise DatasetError(faults)
     return Dataset(cases, names, modality)
 
 
-# -- augmentation ----------------------------------------------------------------------
+def _read_case(image_path: Path, label_path: Path, n_labels: int, faults: list) -> ScanCase | None:
+    try:
+        image = read_volume(image_path)
+    except MedsegError as exc:
+        faults.append(f"{image_path.name}: {exc}")
+        return None
+    try:
+        label = read_volume(label_path)
+    except MedsegError as exc:
+        faults.append(f"{label_path.name}: {exc}")
+        return None
+    if label.geometry.file_shape != image.geometry.file_shape:
+        faults.append(f"{label_path.name}: shape {label.geometry.file_shape} does not match its image "
+                      f"{image_path.name} {image.geometry.file_shape}")
+        return None
+    if not np.allclose(label.geometry.affine_ras, image.geometry.affine_ras, atol=1e-3):
+        faults.append(f"{label_path.name}: its voxels are not placed like those of {image_path.name}")
+        return None
+    data = np.asarray(label.data)
+    if not (np.issubdtype(data.dtype, np.integer) or np.allclose(data, np.round(data))):
+        faults.append(f"{label_path.name}: a label map must hold whole numbers")
+        return None
+    layer_label = np.asarray(image.geometry.to_layer(data))
+    if n_labels and (layer_label.min() < 0 or layer_label.max() >= n_labels):
+        faults.append(f"{label_path.name}: holds values outside 0..{n_labels - 1}")
+        return None
+    return ScanCase(name=label_path.name.split(".")[0],  # nnU-Net images carry a _0000 channel suffix
+                    image=np.ascontiguousarray(image.layer_data(), dtype=np.float32),
+                    label=np.ascontiguousarray(layer_label, dtype=np.uint8),
+                    layer_affine_ras=image.geometry.layer_affine_ras)
+
+
+# -- cases on the network grid ------------------------------------------------------------
+
+@dataclass
+class GridCase:
+    """A case on its model's network grid: the same preparation as at inference."""
+
+    name: str
+    image: torch.Tensor          # (D, H, W) float32, normalised
+    label: torch.Tensor          # (D, H, W) uint8
+    weight: torch.Tensor         # (D, H, W) float32 loss weight per voxel
+    tissue: torch.Tensor         # (D, H, W) uint8 tissue classes, for synthesis
+    statistics: dict = field(default_factory=dict)
+
+
+def onto_grid(layer_array: np.ndarray, prepared: PreparedScan) -> torch.Tensor:
+    """A layer-order scan-grid array (labels, masks) carried onto the network grid by nearest voxel."""
+    from .pipeline import resample
+
+    working = np.ascontiguousarray(to_working(np.asarray(layer_array), prepared.axis_order)[prepared.region])
+    return resample(torch.from_numpy(working.astype(np.float32)), prepared.model_shape, "nearest")
+
+
+def _tissue_classes(image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Every label split into intensity tertiles; the darkest background (air) is class 0."""
+    values_all = image.numpy()
+    labels = label.numpy()
+    tissue = np.zeros(labels.shape, dtype=np.uint8)
+    low = float(np.percentile(values_all, 1))
+    high = float(np.percentile(values_all, 99))
+    next_id = 1
+    for value in np.unique(labels):
+        inside = labels == value
+        if value == 0:
+            inside &= values_all > low + 0.1 * (high - low)
+        values = values_all[inside]
+        if values.size == 0:
+            continue
+        edges = np.percentile(values, np.linspace(0, 100, TISSUES_PER_LABEL + 1)[1:-1])
+        tissue[inside] = next_id + np.digitize(values, edges).astype(np.uint8)
+        next_id += TISSUES_PER_LABEL
+    return torch.from_numpy(tissue)
+
+
+def grid_case(case: ScanCase, card: ModelCard, roi_network=None, changed_weight: float = 0.0) -> GridCase:
+    """Prepare one case for training with ``card``'s pipeline."""
+    prepared = prepare(case.image, case.layer_affine_ras, card, roi_network)
+    label = onto_grid(case.label, prepared).to(torch.uint8)
+    weight = torch.ones(prepared.model_shape, dtype=torch.float32)
+    if case.changed is not None and changed_weight > 0:
+        weight += changed_weight * onto_grid(case.changed.astype(np.uint8), prepared)
+    return GridCase(case.name, prepared.tensor, label, weight, _tissue_classes(prepared.tensor, label),
+                    prepared.info.get("statistics", {}))
+
+
+# -- augmentation -----------------------------------------------------------------------------
+
+@dataclass
+class Augmentation:
+    """Strength of the random transforms. The defaults suit fine-tuning; ``train`` asks for more."""
+
+    max_rotation_deg: float = 10.0
+    scale_range: tuple = (0.9, 1.1)
+    max_shift_mm: float = 20.0
+    flip_probability: float = 0.5          # mirrored left-right (brains are near-symmetric)
+    synthesis_probability: float = 0.0
+    gamma_std: float = 0.2
+    bias_strength: float = 0.3
+    noise_max: float = 0.05
+    blur_probability: float = 0.2
+
 
 def _rotation(angles: np.ndarray) -> np.ndarray:
     a, b, c = angles
@@ -154,54 +279,8 @@ def _rotation(angles: np.ndarray) -> np.ndarray:
     return rz @ ry @ rx
 
 
-@dataclass
-class Augmentation:
-    """Strength of the random transforms (the defaults are the brain model's)."""
-
-    max_rotation_deg: float = 40.0
-    scale_range: tuple = (0.85, 1.2)
-    max_shift_mm: float = 25.0
-    synthesis_probability: float = 0.4
-    thick_slice_probability: float = 0.3
-    bias_strength: float = 0.5
-    noise_max: float = 0.06
-    gamma_std: float = 0.3
-    flip_probability: float = 0.5
-
-
-def random_view(case: TrainingCase, shape: tuple, spacing: tuple, rng: np.random.Generator,
-                aug: Augmentation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Resample a randomly rotated, scaled and shifted view of ``case`` onto a model-grid patch.
-
-    Returns image (trilinear), label and tissue (nearest), each ``(D, H, W)``.
-    """
-    src_shape = np.array(case.image.shape, dtype=float)
-    src_spacing = np.array(case.spacing, dtype=float)
-    # Work in the case's layer-axis millimetres, centred on the labelled structure.
-    foreground = torch.nonzero(case.label[::4, ::4, ::4] > 0).float().numpy() * 4
-    centre_vox = foreground.mean(axis=0) if len(foreground) else (src_shape - 1) / 2
-    angles = np.deg2rad(rng.uniform(-aug.max_rotation_deg, aug.max_rotation_deg, 3))
-    scale = rng.uniform(*aug.scale_range, 3)
-    matrix = _rotation(angles) @ np.diag(scale)
-    if rng.random() < aug.flip_probability:
-        matrix = matrix @ np.diag([1.0, 1.0, -1.0])  # left-right mirror: brains are near-symmetric
-    shift = rng.uniform(-aug.max_shift_mm, aug.max_shift_mm, 3)
-    out = np.stack(np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing)],
-                               indexing="ij"), axis=-1).reshape(-1, 3)
-    src_mm = out @ matrix.T + shift + centre_vox * src_spacing
-    src_vox = src_mm / src_spacing
-    # grid_sample wants (x, y, z) = (W, H, D) normalised with align_corners=False.
-    norm = (2 * src_vox + 1) / src_shape - 1
-    grid = torch.from_numpy(norm[:, ::-1].copy()).float().view(1, *shape, 3)
-    image = F.grid_sample(case.image[None, None], grid, mode="bilinear", padding_mode="zeros",
-                          align_corners=False)[0, 0]
-    stacked = torch.stack([case.label, case.tissue]).float()[None]
-    nearest = F.grid_sample(stacked, grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
-    return image, nearest[0].to(torch.uint8), nearest[1].to(torch.uint8)
-
-
-def _smooth_field(shape: tuple, rng: np.random.Generator, control: int = 4) -> torch.Tensor:
-    coarse = torch.from_numpy(rng.standard_normal((1, 1, control, control, control))).float()
+def _smooth_field(shape: tuple, generator: torch.Generator, control: int = 4) -> torch.Tensor:
+    coarse = torch.randn((1, 1, control, control, control), generator=generator)
     return F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)[0, 0]
 
 
@@ -222,172 +301,311 @@ def _blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     return out[0, 0]
 
 
-def augment_intensity(image: torch.Tensor, tissue: torch.Tensor, rng: np.random.Generator,
-                      aug: Augmentation) -> torch.Tensor:
-    """Random contrast, bias, blur, resolution and noise; returns a new tensor."""
+def random_crop(case: GridCase, patch: tuple, spacing_mm: tuple, lr_axis: int, rng: np.random.Generator,
+                aug: Augmentation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A randomly rotated, scaled, mirrored and shifted patch of a grid case.
+
+    Returns image (trilinear), label, weight and tissue (nearest), each ``patch``-shaped.
+    The patch centre lies near the labelled structure, within ``max_shift_mm``.
+    """
+    shape = np.array(case.image.shape, dtype=float)
+    foreground = torch.nonzero(case.label[::2, ::2, ::2] > 0).float().numpy() * 2
+    centre = foreground.mean(axis=0) if len(foreground) else (shape - 1) / 2
+    centre = centre + rng.uniform(-aug.max_shift_mm, aug.max_shift_mm, 3) / np.asarray(spacing_mm)
+    half = (np.asarray(patch) - 1) / 2
+    centre = np.clip(centre, np.minimum(half, (shape - 1) / 2), np.maximum(shape - 1 - half, (shape - 1) / 2))
+    matrix = _rotation(np.deg2rad(rng.uniform(-aug.max_rotation_deg, aug.max_rotation_deg, 3)))
+    matrix = matrix @ np.diag(rng.uniform(*aug.scale_range, 3))
+    if rng.random() < aug.flip_probability:
+        flip = np.ones(3)
+        flip[lr_axis] = -1
+        matrix = matrix @ np.diag(flip)
+    # Work in millimetres so rotations are true rotations on anisotropic grids.
+    spacing = np.asarray(spacing_mm, dtype=float)
+    out = np.stack(np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(patch, spacing)],
+                               indexing="ij"), axis=-1).reshape(-1, 3)
+    source = (out @ matrix.T) / spacing + centre
+    norm = (2 * source + 1) / shape - 1
+    grid = torch.from_numpy(norm[:, ::-1].copy()).float().view(1, *patch, 3)
+    air = float(case.image.min())
+    image = F.grid_sample((case.image - air)[None, None], grid, mode="bilinear", padding_mode="zeros",
+                          align_corners=False)[0, 0] + air
+    stacked = torch.stack([case.label.float(), case.weight, case.tissue.float()])[None]
+    nearest = F.grid_sample(stacked, grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
+    weight = nearest[1].clamp(min=1.0)
+    return image, nearest[0].to(torch.uint8), weight, nearest[2].to(torch.uint8)
+
+
+def augment_intensity(image: torch.Tensor, tissue: torch.Tensor, card: ModelCard, rng: np.random.Generator,
+                      generator: torch.Generator, aug: Augmentation) -> torch.Tensor:
+    """Random contrast, bias, blur and noise on a normalised patch; the result is normalised again."""
     if rng.random() < aug.synthesis_probability:
         n = int(tissue.max()) + 1
         means = torch.from_numpy(rng.uniform(0, 1, n)).float()
-        means[0] = rng.uniform(0, 0.15)  # air stays dark-ish, as in every MR and CT
+        means[0] = float(rng.uniform(0, 0.15))  # air stays dark, as in every MR and CT
         stds = torch.from_numpy(rng.uniform(0, 0.08, n)).float()
-        image = means[tissue.long()] + stds[tissue.long()] * torch.randn(image.shape)
-        image = _blur(image, rng.uniform(0.3, 1.2))
+        noise = torch.randn(image.shape, generator=generator)
+        raw = means[tissue.long()] + stds[tissue.long()] * noise
+        raw = _blur(raw, float(rng.uniform(0.3, 1.2)))
     else:
-        low, high = float(image.min()), float(np.percentile(image[::2, ::2, ::2].numpy(), 99.5))
-        image = ((image - low) / max(high - low, 1e-6)).clamp_(0, 1.5)
-        image = image.clamp(min=0) ** float(np.exp(rng.normal(0, aug.gamma_std)))
-        if rng.random() < 0.3:
-            image = _blur(image, rng.uniform(0.3, 1.0))
+        low, high = float(image.min()), float(image.max())
+        raw = ((image - low) / max(high - low, 1e-6)).clamp(0, 1)
+        raw = raw ** float(np.exp(rng.normal(0, aug.gamma_std)))
+        if rng.random() < aug.blur_probability:
+            raw = _blur(raw, float(rng.uniform(0.3, 1.0)))
     if rng.random() < 0.8:
-        image = image * torch.exp(aug.bias_strength * rng.uniform(0, 1) * _smooth_field(tuple(image.shape), rng))
-    if rng.random() < aug.thick_slice_probability:
-        axis = int(rng.integers(3))
-        factor = int(rng.integers(2, 5))
-        size = list(image.shape)
-        kernel = [1, 1, 1]
-        kernel[axis] = factor
-        low_res = F.avg_pool3d(image[None, None], kernel, kernel, ceil_mode=True)
-        image = F.interpolate(low_res, size=size, mode="trilinear", align_corners=False)[0, 0]
-    image = image + float(rng.uniform(0, aug.noise_max)) * float(image.max()) * torch.randn(image.shape)
-    return image.clamp_(min=0)
+        raw = raw * torch.exp(aug.bias_strength * float(rng.uniform(0, 1)) * _smooth_field(tuple(raw.shape), generator))
+    raw = raw + float(rng.uniform(0, aug.noise_max)) * torch.randn(raw.shape, generator=generator)
+    raw = raw.clamp(min=0)
+    stats = intensity_statistics(raw.numpy(), card.pipeline.normalisation) \
+        if card.pipeline.normalisation.kind != "ct" else {"low": 0.0, "high": 1.0}
+    if card.pipeline.normalisation.kind == "ct":
+        return raw * 2 - 1
+    return normalise(raw, card.pipeline.normalisation, stats)
 
 
-def normalise_tensor(image: torch.Tensor, normalisation: dict) -> torch.Tensor:
-    low, high, offset, scale = intensity_parameters(image.numpy(), normalisation)
-    return (image.clamp(low, high) - offset) / scale
-
-
-# -- training loop -----------------------------------------------------------------------
+# -- the loop ------------------------------------------------------------------------------------
 
 @dataclass
 class TrainingConfig:
-    name: str = "model"
-    version: str = "1.0.0"
-    target_spacing: tuple = (2.0, 2.0, 2.0)
-    patch_size: tuple = (80, 96, 80)
-    channels: tuple = (8, 16, 32, 64)
+    """What to train and how. ``patch_size`` is the training crop on the network grid."""
+
     steps: int = 1000
     batch_size: int = 1
+    patch_size: tuple = (80, 96, 80)
     learning_rate: float = 3e-3
+    weight_decay: float = 1e-4
     seed: int = 0
     device: str = "auto"
-    normalisation: dict | None = None
-    augmentation: Augmentation | None = None
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    changed_weight: float = 0.0       # extra loss weight on voxels a reviewer changed
+    freeze_batch_norm: bool = False   # keep batch-norm statistics fixed (fine-tuning)
+    schedule: str = "onecycle"        # or "constant"
+    checkpoint: str | None = None     # where to write checkpoints
+    checkpoint_every: int = 0         # steps between checkpoints (0: none)
+    resume: str | None = None         # a checkpoint to continue from
 
 
-def make_batch(dataset: Dataset, config: TrainingConfig, rng: np.random.Generator):
-    aug = config.augmentation or Augmentation()
-    images, labels = [], []
-    for _ in range(config.batch_size):
-        case = dataset.cases[int(rng.integers(len(dataset.cases)))]
-        # The random shift makes each view a random crop of the structure's surroundings.
-        image, label, tissue = random_view(case, config.patch_size, config.target_spacing, rng, aug)
-        image = augment_intensity(image, tissue, rng, aug)
-        image = normalise_tensor(image, config.normalisation)
-        images.append(image)
+def config_faults(config: TrainingConfig, divisor: int, grid_spacing: tuple | None = None) -> list[str]:
+    """Every fault of a training configuration, one line each."""
+    faults = []
+    if not isinstance(config.steps, int) or config.steps <= 0:
+        faults.append(f"--steps must be a positive whole number, got {config.steps}")
+    if config.batch_size <= 0:
+        faults.append(f"--batch-size must be positive, got {config.batch_size}")
+    patch = tuple(config.patch_size)
+    if len(patch) != 3 or any(int(p) <= 0 for p in patch):
+        faults.append(f"--patch-size must be three positive numbers, got {list(patch)}")
+    elif any(int(p) % divisor for p in patch):
+        faults.append(f"--patch-size {list(patch)}: each side must be a multiple of {divisor}, "
+                      f"which the network's depth needs")
+    if grid_spacing is not None and (len(grid_spacing) != 3 or any(not (float(s) > 0) for s in grid_spacing)):
+        faults.append(f"--spacing must be three positive voxel sizes in mm, got {list(grid_spacing)}")
+    if not config.learning_rate > 0:
+        faults.append(f"--lr must be positive, got {config.learning_rate}")
+    if config.checkpoint_every < 0:
+        faults.append(f"--checkpoint-every cannot be negative, got {config.checkpoint_every}")
+    return faults
+
+
+class SegmentationLoss(torch.nn.Module):
+    """Cross-entropy weighted per voxel plus soft Dice (MONAI's ``DiceLoss``), per sample."""
+
+    def __init__(self):
+        super().__init__()
+        from monai.losses import DiceLoss
+
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=False)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(logits, labels[:, 0].long(), reduction="none")
+        ce = (ce * weights[:, 0]).flatten(1).sum(1) / weights[:, 0].flatten(1).sum(1)
+        return ce.mean() + self.dice(logits, labels)
+
+
+def distributed_context(device: torch.device) -> tuple[int, int]:
+    """``(rank, world size)``; under torchrun this joins the process group (gloo or NCCL)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def sample_generators(seed: int, step: int, index: int) -> tuple[np.random.Generator, torch.Generator]:
+    """The random streams of one sample of one step: the same in any process and after a resume."""
+    rng = np.random.default_rng([seed, step, index])
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    return rng, generator
+
+
+def make_batch(cases: list, card: ModelCard, config: TrainingConfig, step: int, indices: range):
+    """The samples ``indices`` of global step ``step`` (a process may take a share of them)."""
+    spacing = _grid_spacing(card)
+    lr_axis = 2 if card.pipeline.axis_order == "SPL" else 0
+    images, labels, weights = [], [], []
+    for index in indices:
+        rng, generator = sample_generators(config.seed, step, index)
+        case = cases[int(rng.integers(len(cases)))]
+        image, label, weight, tissue = random_crop(case, tuple(config.patch_size), spacing, lr_axis, rng,
+                                                   config.augmentation)
+        images.append(augment_intensity(image, tissue, card, rng, generator, config.augmentation))
         labels.append(label)
-    return torch.stack(images)[:, None], torch.stack(labels)[:, None].long()
+        weights.append(weight)
+    return torch.stack(images)[:, None], torch.stack(labels)[:, None], torch.stack(weights)[:, None]
 
 
-def train(dataset: Dataset, config: TrainingConfig, progress: Progress | None = None,
-          log: Callable[[str], None] | None = None, initial_state: dict | None = None):
-    """Train an :class:`AttentionUNet3D` and return ``(network, card)``."""
-    from monai.losses import DiceCELoss
+def _grid_spacing(card: ModelCard) -> tuple:
+    grid = card.pipeline.grid
+    return tuple(grid.spacing) if grid.kind == "spacing" else (1.0, 1.0, 1.0)
 
-    from .inference import pick_device
-    from .network import AttentionUNet3D
 
-    if config.normalisation is None:
-        config.normalisation = {"kind": "ct", "window": [-1000, 1000]} if dataset.modality == "CT" \
-            else {"kind": "mr_robust_zscore"}
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
+def _freeze_batch_norm(network: torch.nn.Module) -> None:
+    for module in network.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+            for parameter in module.parameters():
+                parameter.requires_grad_(False)
+
+
+def train(network: torch.nn.Module, card: ModelCard, cases: list, config: TrainingConfig,
+          progress: Progress | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Train ``network`` in place on grid cases; returns a summary (steps, loss, seconds).
+
+    ``progress(fraction, message)`` may raise Cancelled to stop between steps. Under
+    torchrun each process must call this with the same cases; only rank 0 writes
+    checkpoints.
+    """
+    from .devices import pick_device
+
     device = pick_device(config.device)
-    n_classes = len(dataset.label_names)
-    network = AttentionUNet3D(1, n_classes, tuple(config.channels))
-    divisor = network.divisor
-    if any(p % divisor for p in config.patch_size):
-        raise MedsegError(f"patch size {config.patch_size} must be divisible by {divisor}")
-    if initial_state is not None:
-        network.load_state_dict(initial_state)
+    rank, world = distributed_context(device)
+    if config.batch_size % world:
+        raise MedsegError(f"the batch size {config.batch_size} must be divisible by the {world} processes")
+    torch.manual_seed(config.seed)
     network.to(device).train()
-    optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.learning_rate,
-                                                   total_steps=config.steps, pct_start=0.1)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+    if config.freeze_batch_norm:
+        _freeze_batch_norm(network)
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    if config.schedule == "onecycle" and config.steps > 1:
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.learning_rate,
+                                                       total_steps=config.steps, pct_start=0.1)
+    else:
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda _step: 1.0)
+    model = network
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_fn = SegmentationLoss()
+    start_step, running = 0, None
+    if config.resume:
+        state = load_checkpoint(config.resume)
+        network.load_state_dict(state["network"])
+        optimiser.load_state_dict(state["optimiser"])
+        schedule.load_state_dict(state["schedule"])
+        start_step, running = int(state["step"]), state.get("running")
+        if log:
+            log(f"resumed from step {start_step}")
+    share = config.batch_size // world
     started = time.perf_counter()
-    running = None
-    for step in range(config.steps):
-        images, labels = make_batch(dataset, config, rng)
-        images, labels = images.to(device), labels.to(device)
+    for step in range(start_step, config.steps):
+        images, labels, weights = make_batch(cases, card, config, step, range(rank * share, (rank + 1) * share))
+        images, labels, weights = images.to(device), labels.to(device), weights.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = network(images)
-        loss = loss_fn(logits.float(), labels)
+            logits = _logits(model, network, images)
+        loss = loss_fn(logits.float(), labels, weights)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         schedule.step()
-        value = loss.item()
+        value = _global_mean(loss.detach(), world)
         running = value if running is None else 0.95 * running + 0.05 * value
-        if log and (step % 25 == 0 or step == config.steps - 1):
-            log(f"step {step + 1}/{config.steps} loss {running:.4f} "
-                f"({time.perf_counter() - started:.0f} s)")
-        if progress:
-            progress((step + 1) / config.steps, f"step {step + 1} of {config.steps}, loss {running:.3f}")
+        if log and (step % 25 == 0 or step == config.steps - 1) and rank == 0:
+            log(f"step {step + 1}/{config.steps} loss {running:.4f} ({time.perf_counter() - started:.0f} s)")
+        if config.checkpoint and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 \
+                and step + 1 < config.steps and rank == 0:
+            save_checkpoint(config.checkpoint, network, optimiser, schedule, step + 1, running)
+        report(progress, (step + 1) / config.steps, f"step {step + 1} of {config.steps}, loss {running:.3f}")
     network.eval().cpu()
-    card = {
-        "name": config.name,
-        "version": config.version,
-        "architecture": "AttentionUNet3D",
-        "hparams": dict(network.hparams),
-        "labels": [{"value": i, "name": name, "color": default_color(i)}
-                   for i, name in enumerate(dataset.label_names)],
-        "modality": dataset.modality,
-        "target_spacing": list(config.target_spacing),
-        "orientation": "".join(LAYER_AXCODES),
-        "normalisation": config.normalisation,
-        "patch_size": list(config.patch_size),
-        "provenance": {
-            "cases": [case.name for case in dataset.cases],
-            "steps": config.steps, "batch_size": config.batch_size,
-            "learning_rate": config.learning_rate, "seed": config.seed,
-            "augmentation": vars(config.augmentation or Augmentation()),
-            "training_seconds": round(time.perf_counter() - started, 1),
-            "final_loss": running,
-        },
-        "metrics": {},
-    }
-    return network, card
+    return {"steps": config.steps, "final_loss": running, "seconds": round(time.perf_counter() - started, 1),
+            "processes": world}
 
 
-PALETTE = [(0, 0, 0, 0), (0.95, 0.35, 0.2, 1), (0.2, 0.6, 1.0, 1), (0.3, 0.85, 0.3, 1),
-           (0.95, 0.8, 0.2, 1), (0.7, 0.4, 0.9, 1), (0.2, 0.85, 0.85, 1), (0.95, 0.5, 0.75, 1)]
+def _logits(model, network, images):
+    # The call goes through ``model`` (DDP's wrapper under torchrun), which must see the
+    # forward pass; a network that ends in a softmax gives its logits through a flag.
+    return model(images, return_logits=True) if hasattr(network, "logits") else model(images)
 
 
-def default_color(value: int) -> list:
-    if value < len(PALETTE):
-        return list(PALETTE[value])
-    rng = np.random.default_rng(value)
-    return [*map(float, rng.uniform(0.3, 1.0, 3)), 1.0]
+def _global_mean(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        import torch.distributed as dist
+
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world
+    return float(value)
 
 
-def dice(prediction: np.ndarray, reference: np.ndarray, value: int = 1) -> float:
-    """Dice overlap of one label; 1.0 when both are empty."""
-    a = np.asarray(prediction) == value
-    b = np.asarray(reference) == value
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+def save_checkpoint(path, network, optimiser, schedule, step: int, running) -> None:
+    from .outputs import save_atomically
+
+    state = {"network": network.state_dict(), "optimiser": optimiser.state_dict(),
+             "schedule": schedule.state_dict(), "step": step, "running": running}
+    save_atomically(Path(path), lambda tmp: torch.save(state, tmp), ".pt", label="the training checkpoint")
 
 
-def evaluate(network: torch.nn.Module, card: dict, dataset: Dataset, settings=None) -> dict:
-    """Mean Dice (foreground labels) per case, through the full predict pipeline."""
+def load_checkpoint(path) -> dict:
+    """A checkpoint written by :func:`save_checkpoint`, read without unpickling code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MedsegError(f"checkpoint '{Path(path).name}' does not exist") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file
+        raise MedsegError(f"'{Path(path).name}' is not a training checkpoint ({str(exc).splitlines()[0][:100]})") \
+            from None
+
+
+def evaluate(model, cases: list, settings=None) -> dict:
+    """Mean foreground Dice per case through the full predict pipeline (as ``predict`` runs it)."""
     from .inference import segment
-    from .models import Model
 
-    model = Model(network.eval(), card)
     per_case = {}
-    for case in dataset.cases:
-        result = segment(case.image.numpy(), case.layer_affine_ras, model, settings)
-        scores = [dice(result.labels, case.label.numpy(), value) for value in range(1, len(card["labels"]))]
-        per_case[case.name] = round(float(np.mean(scores)), 4)
-    return {"dice": per_case, "mean_dice": round(float(np.mean(list(per_case.values()))), 4)}
+    for case in cases:
+        result = segment(case.image, case.layer_affine_ras, model, settings)
+        per_case[case.name] = round(mean_dice(result.labels, case.label, model.card.n_classes), 4)
+    return {"dice": per_case, "mean_dice": round(float(np.mean(list(per_case.values()))), 4) if per_case else None}
+
+
+def new_card(name: str, version: str, network: torch.nn.Module, label_names: list, modality: str,
+             spacing: tuple, patch_size: tuple, postprocessing: tuple = ()) -> ModelCard:
+    """The card of a model trained from scratch by ``train``: body region, a voxel-size grid."""
+    from .card import parse_card
+
+    architecture = type(network).__name__
+    normalisation = {"kind": "ct", "window": [-1000, 1000]} if modality == "CT" else {"kind": "mr_robust_zscore"}
+    return parse_card({
+        "format": "napari-medseg-model", "format_version": 2, "name": name, "version": version,
+        "network": {"architecture": architecture, "hparams": dict(network.hparams)},
+        "labels": [{"value": i, "name": n, "color": default_color(i)} for i, n in enumerate(label_names)],
+        "domain": {"modality": modality},
+        "pipeline": {"axis_order": "SPL", "roi": {"kind": "body", "margin_mm": 10.0},
+                     "grid": {"kind": "spacing", "spacing": list(spacing), "interpolation": "area"},
+                     "normalisation": {**normalisation, "statistics": "region"},
+                     "patch_size": list(patch_size), "output": "logits", "postprocessing": list(postprocessing)},
+        "explain": ["attention", "gradcam", "entropy", "tta", "activation"]
+        if architecture == "AttentionUNet3D" else ["gradcam", "entropy", "tta", "activation"],
+    }, name)
+
+
+def config_summary(config: TrainingConfig) -> dict:
+    out = asdict(config)
+    out.pop("checkpoint", None)
+    out.pop("resume", None)
+    out["patch_size"] = list(config.patch_size)
+    return out

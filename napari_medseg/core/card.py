@@ -1,0 +1,409 @@
+"""The model card: a typed, validated description of what a model is and how to run it.
+
+The card travels inside the model file (see :mod:`.models`) and is checked on every
+load. It declares the whole prediction pipeline, so that ``predict``, the Segment
+widget, explanation maps and fine-tuning all run a model the same way:
+
+* ``network`` (and an optional ``roi_network``): architecture and hyperparameters;
+* ``labels``: value, name, colour, and optionally the plausible volume range in mL;
+* ``domain``: the modality, contrast and body part the model was made for;
+* ``pipeline``: the input axis order, the region of interest (none, the imaged body's
+  extent plus a margin, or a first-stage network), the grid (a voxel size, or a fixed
+  shape over the region), the intensity normalisation and where its statistics come
+  from, the patch size, the output kind, the threshold and the post-processing;
+* ``checks``: what makes a result implausible (total volume, share of the body);
+* ``explain``: the explanation maps the network supports;
+* provenance, metrics, licence and citation, for people.
+
+Cards written by napari-medseg 0.1 (``format_version`` 1, flat fields) are read and
+converted on load; files are never rewritten behind the user's back.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+
+from .errors import MedsegError
+
+FORMAT = "napari-medseg-model"
+FORMAT_VERSION = 2
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+AXIS_ORDERS = ("SPL", "RAS")            # SPL: napari layer order; RAS: nibabel canonical
+ROI_KINDS = ("none", "body", "network")
+GRID_KINDS = ("spacing", "shape")
+INTERPOLATIONS = ("area", "linear", "nearest")
+NORMALISATIONS = ("ct", "mr_robust_zscore", "quantile_zscore")
+STATISTICS = ("region", "field_of_view")
+OUTPUTS = ("logits", "probabilities")
+POSTPROCESSING = ("inside_body", "largest_component", "fill_holes")
+EXPLAIN_METHODS = ("attention", "gradcam", "entropy", "tta", "activation")
+
+
+class ModelError(MedsegError):
+    """A model file is missing, unsafe, corrupt or inconsistent."""
+
+
+def _positive(values, what: str, where: str, integer: bool = False, count: int = 3) -> tuple:
+    try:
+        values = tuple(int(v) if integer else float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ModelError(f"'{where}': {what} must be {count} numbers, got {values!r}") from None
+    if len(values) != count or any(not (v > 0) for v in values):
+        raise ModelError(f"'{where}': {what} must be {count} positive numbers, got {list(values)}")
+    return values
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    architecture: str
+    hparams: dict
+
+    @classmethod
+    def parse(cls, data, where: str, what: str = "network") -> "NetworkSpec":
+        if not isinstance(data, dict) or not isinstance(data.get("architecture"), str) \
+                or not isinstance(data.get("hparams"), dict):
+            raise ModelError(f"'{where}': the card's {what} needs an architecture and hparams")
+        return cls(data["architecture"], dict(data["hparams"]))
+
+    def to_dict(self) -> dict:
+        return {"architecture": self.architecture, "hparams": dict(self.hparams)}
+
+
+@dataclass(frozen=True)
+class Label:
+    value: int
+    name: str
+    color: tuple
+    expected_ml: tuple | None = None   # plausible volume range for this label
+
+    def to_dict(self) -> dict:
+        out = {"value": self.value, "name": self.name, "color": list(self.color)}
+        if self.expected_ml is not None:
+            out["expected_ml"] = list(self.expected_ml)
+        return out
+
+
+@dataclass(frozen=True)
+class Domain:
+    modality: str                       # "MR", "CT", or "any"
+    contrast: str | None = None         # e.g. "T1"
+    body_part: str | None = None        # e.g. "head"
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        return {"modality": self.modality, "contrast": self.contrast, "body_part": self.body_part,
+                "description": self.description}
+
+
+@dataclass(frozen=True)
+class RegionOfInterest:
+    """Where the model looks: the whole field of view, the imaged body, or a first network's box."""
+
+    kind: str = "none"
+    margin_mm: float = 0.0              # added around the region on every side
+    margin_fraction: float = 0.0        # or a share of the region's size (deepbet: 0.1)
+    input_shape: tuple | None = None    # the first-stage network's input grid
+    threshold: float = 0.5              # of the first stage's foreground probability
+
+    def to_dict(self) -> dict:
+        out = {"kind": self.kind, "margin_mm": self.margin_mm, "margin_fraction": self.margin_fraction,
+               "threshold": self.threshold}
+        if self.input_shape is not None:
+            out["input_shape"] = list(self.input_shape)
+        return out
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The network's input grid: a voxel size over the region, or a fixed shape."""
+
+    kind: str
+    spacing: tuple | None = None
+    shape: tuple | None = None
+    interpolation: str = "area"         # anti-aliased downsampling, linear upsampling
+
+    def to_dict(self) -> dict:
+        out = {"kind": self.kind, "interpolation": self.interpolation}
+        if self.spacing is not None:
+            out["spacing"] = list(self.spacing)
+        if self.shape is not None:
+            out["shape"] = list(self.shape)
+        return out
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Intensity normalisation and where its statistics come from.
+
+    ``ct``: clip HU to ``window`` and map it to [-1, 1]. ``mr_robust_zscore``: clip to
+    the 0.5/99.5 percentiles, z-score with the median and IQR of the bright voxels.
+    ``quantile_zscore`` (deepbet's): scale the ``quantiles`` to [0, 1], clip, z-score
+    with the network input's own mean and SD, then map to ``mean`` and ``std``.
+    ``statistics``: ``region`` (the region of interest, so air padding does not move
+    them) or ``field_of_view`` (the whole scan, as deepbet's own code does).
+    """
+
+    kind: str
+    window: tuple | None = None
+    quantiles: tuple = (0.5, 99.5)
+    mean: float = 0.0
+    std: float = 1.0
+    statistics: str = "region"
+
+    def to_dict(self) -> dict:
+        out = {"kind": self.kind, "statistics": self.statistics}
+        if self.kind == "ct":
+            out["window"] = list(self.window)
+        if self.kind == "quantile_zscore":
+            out.update(quantiles=list(self.quantiles), mean=self.mean, std=self.std)
+        return out
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    axis_order: str
+    roi: RegionOfInterest
+    grid: Grid
+    normalisation: Normalisation
+    patch_size: tuple
+    output: str = "logits"              # what the network returns
+    threshold: float | None = None      # binary models: foreground above this probability
+    postprocessing: tuple = ()
+
+    def to_dict(self) -> dict:
+        return {"axis_order": self.axis_order, "roi": self.roi.to_dict(), "grid": self.grid.to_dict(),
+                "normalisation": self.normalisation.to_dict(), "patch_size": list(self.patch_size),
+                "output": self.output, "threshold": self.threshold,
+                "postprocessing": list(self.postprocessing)}
+
+
+@dataclass(frozen=True)
+class Checks:
+    """What makes a result look like a failure, to be shown to the user (never hidden)."""
+
+    max_foreground_ml: float | None = None      # e.g. the all-head failure of a brain model
+    max_body_fraction: float | None = None      # share of the imaged body labelled foreground
+
+    def to_dict(self) -> dict:
+        return {"max_foreground_ml": self.max_foreground_ml, "max_body_fraction": self.max_body_fraction}
+
+
+@dataclass
+class ModelCard:
+    name: str
+    version: str
+    network: NetworkSpec
+    labels: tuple
+    domain: Domain
+    pipeline: Pipeline
+    roi_network: NetworkSpec | None = None
+    checks: Checks = field(default_factory=Checks)
+    explain: tuple = ()
+    provenance: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    licence: str | None = None
+    citation: str | None = None
+    content_sha256: str | None = None
+
+    # -- convenient views ----------------------------------------------------------
+    @property
+    def title(self) -> str:
+        return f"{self.name} v{self.version}"
+
+    @property
+    def label_names(self) -> dict:
+        return {label.value: label.name for label in self.labels}
+
+    @property
+    def label_colors(self) -> dict:
+        return {label.value: tuple(label.color) for label in self.labels}
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def modality(self) -> str:
+        return self.domain.modality
+
+    def to_dict(self) -> dict:
+        out = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "name": self.name, "version": self.version,
+            "network": self.network.to_dict(),
+            "labels": [label.to_dict() for label in self.labels],
+            "domain": self.domain.to_dict(),
+            "pipeline": self.pipeline.to_dict(),
+            "checks": self.checks.to_dict(),
+            "explain": list(self.explain),
+            "provenance": copy.deepcopy(self.provenance),
+            "metrics": copy.deepcopy(self.metrics),
+            "licence": self.licence, "citation": self.citation,
+        }
+        if self.roi_network is not None:
+            out["roi_network"] = self.roi_network.to_dict()
+        if self.content_sha256:
+            out["content_sha256"] = self.content_sha256
+        return out
+
+    def replace(self, **changes) -> "ModelCard":
+        data = self.to_dict()
+        data.pop("content_sha256", None)
+        data.update(changes)
+        return parse_card(data, self.name)
+
+    # -- parsing ----------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> "ModelCard":
+        return parse_card(data, where)
+
+
+def _labels(raw, where: str) -> tuple:
+    if not isinstance(raw, list) or len(raw) < 2:
+        raise ModelError(f"'{where}': the card must name at least two labels (background and one more)")
+    labels = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict) or "name" not in item or "value" not in item:
+            raise ModelError(f"'{where}': label {index} needs a value and a name")
+        if int(item["value"]) != index:
+            raise ModelError(f"'{where}': label values must be 0..N-1 in order, got "
+                             f"{[i.get('value') for i in raw if isinstance(i, dict)]}")
+        color = tuple(float(c) for c in item.get("color", (1.0, 1.0, 1.0, 1.0)))
+        expected = item.get("expected_ml")
+        if expected is not None:
+            expected = tuple(float(v) for v in expected)
+            if len(expected) != 2 or not 0 <= expected[0] < expected[1]:
+                raise ModelError(f"'{where}': label '{item['name']}' has an impossible expected volume {expected}")
+        labels.append(Label(index, str(item["name"]), color, expected))
+    return tuple(labels)
+
+
+def _upgrade_v1(data: dict) -> dict:
+    """A version-1 card (flat fields, napari-medseg 0.1) in the version-2 layout."""
+    post = data.get("postprocessing") or {}
+    normalisation = dict(data.get("normalisation") or {})
+    normalisation.setdefault("statistics", "field_of_view")
+    return {
+        **data,
+        "network": {"architecture": data.get("architecture"), "hparams": data.get("hparams")},
+        "domain": {"modality": data.get("modality", "any")},
+        "pipeline": {
+            "axis_order": "SPL",
+            "roi": {"kind": "none"},
+            "grid": {"kind": "spacing", "spacing": data.get("target_spacing"), "interpolation": "area"},
+            "normalisation": normalisation,
+            "patch_size": data.get("patch_size"),
+            "output": "logits",
+            "postprocessing": [step for step, on in post.items() if on] if isinstance(post, dict) else list(post),
+        },
+        "explain": ["attention", "gradcam", "entropy", "tta", "activation"]
+        if data.get("architecture") == "AttentionUNet3D" else ["gradcam", "entropy", "tta", "activation"],
+    }
+
+
+def _choice(value, allowed: tuple, what: str, where: str):
+    if value not in allowed:
+        raise ModelError(f"'{where}': {what} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _pipeline(raw, where: str) -> Pipeline:
+    if not isinstance(raw, dict):
+        raise ModelError(f"'{where}': the card has no pipeline")
+    roi_raw = raw.get("roi") or {"kind": "none"}
+    roi = RegionOfInterest(
+        kind=_choice(roi_raw.get("kind", "none"), ROI_KINDS, "the region of interest", where),
+        margin_mm=float(roi_raw.get("margin_mm", 0.0)),
+        margin_fraction=float(roi_raw.get("margin_fraction", 0.0)),
+        input_shape=_positive(roi_raw["input_shape"], "the first stage's input shape", where, integer=True)
+        if roi_raw.get("input_shape") is not None else None,
+        threshold=float(roi_raw.get("threshold", 0.5)),
+    )
+    if roi.margin_mm < 0 or roi.margin_fraction < 0:
+        raise ModelError(f"'{where}': the region's margin cannot be negative")
+    if roi.kind == "network" and roi.input_shape is None:
+        raise ModelError(f"'{where}': a first-stage network needs its input shape")
+    grid_raw = raw.get("grid") or {}
+    kind = _choice(grid_raw.get("kind"), GRID_KINDS, "the grid kind", where)
+    grid = Grid(
+        kind=kind,
+        spacing=_positive(grid_raw.get("spacing"), "the voxel size (target spacing)", where)
+        if kind == "spacing" else None,
+        shape=_positive(grid_raw.get("shape"), "the grid shape", where, integer=True) if kind == "shape" else None,
+        interpolation=_choice(grid_raw.get("interpolation", "area"), INTERPOLATIONS, "the interpolation", where),
+    )
+    norm_raw = raw.get("normalisation") or {}
+    norm_kind = _choice(norm_raw.get("kind"), NORMALISATIONS, "the intensity normalisation", where)
+    window = None
+    if norm_kind == "ct":
+        window = tuple(float(v) for v in norm_raw.get("window", (-1000.0, 1000.0)))
+        if len(window) != 2 or window[0] >= window[1]:
+            raise ModelError(f"'{where}': the CT window must be [low, high] with low < high")
+    quantiles = tuple(float(v) for v in norm_raw.get("quantiles", (0.5, 99.5)))
+    if len(quantiles) != 2 or not 0 <= quantiles[0] < quantiles[1] <= 100:
+        raise ModelError(f"'{where}': the normalisation quantiles must be two percentiles, low < high")
+    normalisation = Normalisation(
+        kind=norm_kind, window=window, quantiles=quantiles,
+        mean=float(norm_raw.get("mean", 0.0)), std=float(norm_raw.get("std", 1.0)),
+        statistics=_choice(norm_raw.get("statistics", "region"), STATISTICS, "the statistics' source", where),
+    )
+    if normalisation.std <= 0:
+        raise ModelError(f"'{where}': the normalisation SD must be positive")
+    threshold = raw.get("threshold")
+    if threshold is not None and not 0 < float(threshold) < 1:
+        raise ModelError(f"'{where}': the threshold must lie between 0 and 1, got {threshold}")
+    post = tuple(raw.get("postprocessing") or ())
+    for step in post:
+        _choice(step, POSTPROCESSING, "a post-processing step", where)
+    return Pipeline(
+        axis_order=_choice(raw.get("axis_order", "SPL"), AXIS_ORDERS, "the axis order", where),
+        roi=roi, grid=grid, normalisation=normalisation,
+        patch_size=_positive(raw.get("patch_size"), "the patch size", where, integer=True),
+        output=_choice(raw.get("output", "logits"), OUTPUTS, "the network output", where),
+        threshold=None if threshold is None else float(threshold),
+        postprocessing=post,
+    )
+
+
+def parse_card(data, where: str) -> ModelCard:
+    """Validate a card read from a file (any supported format version) into a :class:`ModelCard`."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ModelError(f"'{where}' is not a napari-medseg model (no model card in the file)")
+    version = data.get("format_version", 1)
+    if version == 1:
+        data = _upgrade_v1(data)
+    elif version != FORMAT_VERSION:
+        raise ModelError(f"'{where}' was written by a newer napari-medseg (model format {version}); "
+                         "update napari-medseg to use it")
+    missing = [key for key in ("name", "version", "network", "labels", "pipeline") if key not in data]
+    if missing:
+        raise ModelError(f"'{where}' has an incomplete model card: missing {', '.join(missing)}")
+    if not NAME_PATTERN.match(str(data["name"])):
+        raise ModelError(f"'{where}' has an invalid model name {data['name']!r}")
+    network = NetworkSpec.parse(data["network"], where)
+    labels = _labels(data["labels"], where)
+    if network.hparams.get("out_channels") != len(labels):
+        raise ModelError(f"'{where}': the network has {network.hparams.get('out_channels')} outputs "
+                         f"but the card names {len(labels)} labels")
+    pipeline = _pipeline(data["pipeline"], where)
+    roi_network = NetworkSpec.parse(data["roi_network"], where, "first-stage network") \
+        if data.get("roi_network") else None
+    if pipeline.roi.kind == "network" and roi_network is None:
+        raise ModelError(f"'{where}': the pipeline names a first-stage network that the file does not hold")
+    domain_raw = data.get("domain") or {}
+    checks_raw = data.get("checks") or {}
+    explain = tuple(data.get("explain") or ())
+    for method in explain:
+        _choice(method, EXPLAIN_METHODS, "an explanation method", where)
+    return ModelCard(
+        name=str(data["name"]), version=str(data["version"]), network=network, labels=labels,
+        domain=Domain(str(domain_raw.get("modality") or "any"), domain_raw.get("contrast"),
+                      domain_raw.get("body_part"), str(domain_raw.get("description") or "")),
+        pipeline=pipeline, roi_network=roi_network,
+        checks=Checks(checks_raw.get("max_foreground_ml"), checks_raw.get("max_body_fraction")),
+        explain=explain, provenance=dict(data.get("provenance") or {}), metrics=dict(data.get("metrics") or {}),
+        licence=data.get("licence"), citation=data.get("citation"),
+        content_sha256=data.get("content_sha256"),
+    )

@@ -1,0 +1,51 @@
+"""Compute devices: the one list of choices, and how ``auto`` picks one."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import MedsegError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICE_HELP = "auto = CUDA, then Apple MPS, then the CPU"
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def check_device_name(name: str) -> str:
+    if name not in DEVICES and not str(name).startswith("cuda:"):
+        raise MedsegError(f"unknown device '{name}' (use {', '.join(DEVICES)})")
+    return name
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU; asking for a missing GPU is an error."""
+    check_device_name(name)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MedsegError("--device cuda was asked for, but no CUDA GPU is available (use --device auto or cpu)")
+    if name == "mps" and not _mps_available():
+        raise MedsegError("the Apple MPS device is not available here (use auto or cpu)")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, amp: bool | None):
+    """Mixed precision: on CUDA by default (bf16 where supported, else fp16); elsewhere only if asked."""
+    if device.type == "cuda" and amp is not False:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    if device.type == "cpu" and amp:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def uses_amp(device: torch.device, amp: bool | None) -> bool:
+    return bool(device.type == "cuda" and amp is not False) or bool(amp)
