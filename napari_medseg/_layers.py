@@ -58,6 +58,10 @@ def volume_to_layer_data(volume: Volume, name: str | None = None, source_path: s
     data = volume.layer_data()
     if volume.is_label_map:
         values["edited"] = True  # a mask opened from a file is somebody's work from the start
+        names = {int(k): v for k, v in (volume.info.get("label_names") or {}).items()}
+        if names:
+            values["label_names"] = {str(k): v for k, v in names.items()}
+            kwargs["features"] = label_features(names)
         kind = "labels"
     else:
         preset = default_preset(volume.modality)
@@ -67,6 +71,20 @@ def volume_to_layer_data(volume: Volume, name: str | None = None, source_path: s
         kind = "image"
     kwargs["metadata"] = make_metadata(**values)
     return data, kwargs, kind
+
+
+def label_features(names: dict) -> dict:
+    """A labels layer's ``features`` table: one row per label value, with its name."""
+    values = sorted({0, *[int(v) for v in names]})
+    return {"index": values, "name": [names.get(v, "background" if v == 0 else f"label {v}") for v in values]}
+
+
+def labels_layer_data(layer_labels, volume: Volume, name: str, names: dict) -> tuple:
+    """A labels layer-data tuple on ``volume``'s grid, with label names (a SEG, a saved mask)."""
+    metadata = make_metadata(geometry=volume.geometry.to_dict(), segmentation_of=volume.name, edited=True,
+                             label_names={str(k): v for k, v in names.items()})
+    return layer_labels, {"name": name, "affine": volume.geometry.world_affine, "units": "mm",
+                          "metadata": metadata, "features": label_features(names), "opacity": 0.5}, "labels"
 
 
 def geometry_of(layer) -> ScanGeometry | None:

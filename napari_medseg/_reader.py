@@ -10,7 +10,7 @@ import logging
 
 from napari.utils.notifications import show_error, show_warning
 
-from ._layers import viewer_warnings, volume_to_layer_data
+from ._layers import labels_layer_data, viewer_warnings, volume_to_layer_data
 from .core import io
 from .core.errors import MedsegError, MultipleSeriesError, MultiVolumeError
 
@@ -54,10 +54,10 @@ def _read_layers(path):
     except MultiVolumeError as exc:
         n = min(exc.n_volumes, MAX_SPLIT_VOLUMES)
         volumes = [io.read_volume(path, volume_index=t) for t in range(n)]
-        for t, volume in enumerate(volumes):
-            volume.name = f"{volume.name} [volume {t}]"
+        for label, volume in zip(exc.labels, volumes):
+            volume.name = f"{volume.name} [{label}]"
         show_warning(
-            f"napari-medseg: 4D file with {exc.n_volumes} volumes; opened "
+            f"napari-medseg: {exc.n_volumes} volumes; opened "
             + (f"all {n}" if n == exc.n_volumes else f"the first {n}")
             + " as separate layers. The Scan widget opens a single chosen volume."
         )
@@ -65,9 +65,22 @@ def _read_layers(path):
         volumes = [io.read_volume(path, series=exc.series[0]["index"])]
         show_warning(
             f"napari-medseg: the folder holds {len(exc.series)} DICOM series; opened the largest "
-            f"({exc.series[0]['n_files']} files). Pick another in the Scan widget."
+            f"({exc.series[0]['images']} images). Pick another in the Scan widget."
         )
     for volume in volumes:
         for message in viewer_warnings(volume):
             show_warning(f"napari-medseg: {volume.name}: {message}")
-    return [volume_to_layer_data(volume, source_path=path) for volume in volumes]
+    layers = [volume_to_layer_data(volume, source_path=path) for volume in volumes]
+    for volume in volumes[:1]:
+        layers.extend(segmentation_layers(volume))
+    return layers
+
+
+def segmentation_layers(volume) -> list:
+    """Labels layers for the DICOM SEG objects that reference a DICOM volume's series."""
+    from .core.dicom import segmentations_of
+
+    layers = []
+    for name, labels, names in segmentations_of(volume):
+        layers.append(labels_layer_data(labels, volume, f"{volume.name} {name}", names))
+    return layers

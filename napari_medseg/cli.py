@@ -39,13 +39,31 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_info(args) -> int:
+    from pathlib import Path
+
     from .core.io import read_volume
 
-    volume = read_volume(args.input, volume_index=args.volume, series=args.series)
+    folder = Path(args.input).is_dir()
+    try:
+        volume = read_volume(args.input, volume_index=args.volume, series=args.series)
+    except MultipleSeriesError as exc:
+        # A study folder: the series list is the answer (choose one with --series N).
+        from .core.dicom import list_series
+
+        listing = list_series(args.input)
+        if args.json:
+            print(json.dumps(listing, indent=2))
+        else:
+            _print_series(listing["series"], listing["skipped"])
+            print(f"{len(exc.series)} series; pass --series N for one series' details")
+        return 0
     summary = volume.describe()
     if args.json:
-        print(json.dumps({**summary, "warnings": volume.warnings}, indent=2))
+        extra = {"series": volume.info["series_in_folder"], "skipped": volume.info["skipped"]} if folder else {}
+        print(json.dumps({**summary, **extra, "warnings": volume.warnings}, indent=2))
         return 0
+    if folder:
+        _print_series(volume.info["series_in_folder"], [])
     dims = " x ".join(str(n) for n in summary["dimensions"])
     spacing = " x ".join(f"{s:.4g}" for s in summary["spacing_mm"])
     bounds = summary["world_bounds_lps_mm"]
@@ -69,6 +87,22 @@ def _cmd_info(args) -> int:
     print("\n".join(lines))
     _warn(volume.warnings)
     return 0
+
+
+def _print_series(series: list, skipped: list) -> None:
+    from .core.dicom import describe_series
+
+    for entry in series:
+        print(describe_series(entry))
+        if len(entry["volumes"]) > 1:
+            print("    volumes: " + "; ".join(f"{n}: {label}" for n, label in enumerate(entry["volumes"])))
+        if entry["references"]:
+            print("    segmentation of series " + ", ".join(
+                str(next((s["index"] for s in series if s["uid"] == uid), uid)) for uid in entry["references"]))
+        for warning in entry["warnings"]:
+            print(f"    warning: {scrub(warning)}")
+    for line in skipped:
+        print(scrub(line))
 
 
 def _stderr_progress(label: str, quiet: bool = False):

@@ -144,11 +144,17 @@ def test_mixed_dicom_folder_lets_the_user_choose(tmp_path):
                        series_uid="1.2.3.2", series_number="2", modality="MR")
     with pytest.raises(MultipleSeriesError) as info:
         read_volume(folder)
-    assert [s["n_files"] for s in info.value.series] == [6, 4]
+    assert [s["images"] for s in info.value.series] == [6, 4]
     assert read_volume(folder, series="1.2.3.1").data.shape[2] == 4
     assert read_volume(folder, series=0).modality == "MR"
+    # info lists the series (the answer for a study folder); predict must be told which.
     cli = subprocess.run([sys.executable, "-m", "napari_medseg.cli", "info", str(folder)], capture_output=True, text=True)
-    assert cli.returncode == 2 and "--series" in cli.stderr and "DOE" not in cli.stderr
+    assert cli.returncode == 0 and "--series" in cli.stdout and "DOE" not in cli.stdout + cli.stderr
+    assert "#0 MR series 2" in cli.stdout and "#1 CT series 1" in cli.stdout
+    out = tmp_path / "m.nii.gz"
+    cli = subprocess.run([sys.executable, "-m", "napari_medseg.cli", "predict", str(folder), "-o", str(out)],
+                         capture_output=True, text=True)
+    assert cli.returncode == 2 and "--series" in cli.stderr and not out.exists()
 
 
 def test_wrong_mask_shape_is_refused(tmp_path):

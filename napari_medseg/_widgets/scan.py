@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, SpinBox
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info, show_warning
 
@@ -45,7 +45,7 @@ class ScanWidget(Container):
         self._folder = FileEdit(label="DICOM folder", mode="d")
         self._open_folder = PushButton(text="Open folder")
         self._series = ComboBox(label="Series", choices=[], visible=False)
-        self._volume = SpinBox(label="Volume", min=0, max=0, visible=False)
+        self._volume = ComboBox(label="Volume", choices=[], visible=False)
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._scan = ComboBox(label="Scan layer", choices=self._scan_layers)
         self._info = Label(value="No scan open.")
@@ -98,15 +98,17 @@ class ScanWidget(Container):
             options["series"] = self._series.value
         self._cancel.enabled = True
         self.task = BackgroundTask(
-            read_volume, path, **options, description=f"Opening {path.name}",
-            on_done=lambda volume: self._add_volume(volume, path), on_error=self._open_failed,
+            open_scan, path, **options, description=f"Opening {path.name}",
+            on_done=lambda out: self._add_volume(*out, path), on_error=self._open_failed,
             on_finish=self._task_finished,
         )
         return self.task
 
-    def _add_volume(self, volume, path=None) -> None:
+    def _add_volume(self, volume, segmentations=(), path=None) -> None:
         data, kwargs, kind = volume_to_layer_data(volume, source_path=path)
         layer = self.viewer.add_labels(data, **kwargs) if kind == "labels" else self.viewer.add_image(data, **kwargs)
+        for seg_data, seg_kwargs, _kind in segmentations:
+            self.viewer.add_labels(seg_data, **seg_kwargs)
         self.viewer.dims.axis_labels = ("S-I (z)", "P-A (y)", "L-R (x)")
         notify_warnings(volume.name, viewer_warnings(volume))
         self._offer_choices(volume=False, series=False)
@@ -116,11 +118,13 @@ class ScanWidget(Container):
 
     def _open_failed(self, exc) -> None:
         if isinstance(exc, MultiVolumeError):
-            self._volume.max = exc.n_volumes - 1
-            self._offer_choices(volume=True, series=False)
-            show_info(f"napari-medseg: pick a volume (0-{exc.n_volumes - 1}) and press Open file again")
+            # The distinguishing value of each volume is shown (for example "echo 2, TE 20 ms").
+            self._volume.choices = [(f"{n}: {label}", n) for n, label in enumerate(exc.labels)]
+            self._offer_choices(volume=True, series=self.needs_series)
+            show_info("napari-medseg: pick a volume and press Open again")
         elif isinstance(exc, MultipleSeriesError):
-            self._series.choices = [(describe_series(s), s["uid"]) for s in exc.series]
+            self._series.choices = [(describe_series(s), s["uid"]) for s in exc.series
+                                    if not s["segmentation"]]
             self._offer_choices(volume=False, series=True)
             show_info("napari-medseg: pick a series and press Open folder again")
 
@@ -194,6 +198,14 @@ class ScanWidget(Container):
             on_done=lambda written: show_info(f"napari-medseg: saved {Path(written).name}"),
         )
         return self.task
+
+
+def open_scan(path, progress=None, **options):
+    """Worker body: the volume, and the DICOM SEG objects that reference its series as labels layers."""
+    from .._reader import segmentation_layers
+
+    volume = read_volume(path, progress=progress, **options)
+    return volume, segmentation_layers(volume)
 
 
 def _write_in_background(path, data, geometry, progress):

@@ -25,9 +25,10 @@ class NotAVolumeError(MedsegError):
 class MultiVolumeError(NotAVolumeError):
     """A 4D file: the caller must choose one volume (``volume_index``)."""
 
-    def __init__(self, message: str, n_volumes: int):
+    def __init__(self, message: str, n_volumes: int, labels: list | None = None):
         super().__init__(message)
         self.n_volumes = n_volumes
+        self.labels = list(labels) if labels else [f"volume {n}" for n in range(n_volumes)]
 
 
 class MultipleSeriesError(MedsegError):

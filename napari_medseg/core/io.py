@@ -121,7 +121,8 @@ def read_volume(
         :class:`MultiVolumeError` that says how many volumes there are.
     series
         For folders with several DICOM series: the series UID or its 0-based index in
-        :func:`napari_medseg.core.dicom.list_series`.
+        :func:`napari_medseg.core.dicom.list_series`. ``volume_index`` also picks one
+        volume of a DICOM series with several (echoes, time points, b-values).
     progress
         Called as ``progress(fraction, message)``.
     """
@@ -132,13 +133,15 @@ def read_volume(
         raise UnreadableScanError(f"'{path.name}' is a single file, not a folder of DICOM series; "
                                   "a series can only be chosen in a folder")
     if path.is_dir():
-        volume = dicom.read_series(path, series=series, progress=progress, finish=_finish_itk)
+        volume = dicom.read_series(path, series=series, volume_index=volume_index, progress=progress)
     else:
         suffix = suffix_of(path)
         if suffix in NIFTI_SUFFIXES:
             volume = _read_nifti(path, volume_index)
-        elif suffix in ITK_SUFFIXES or dicom.looks_like_dicom_file(path):
+        elif suffix in ITK_SUFFIXES:
             volume = _read_itk_file(path, volume_index)
+        elif path.suffix.lower() == ".dcm" or dicom.looks_like_dicom_file(path):
+            volume = dicom.read_file(path, volume_index)
         else:
             raise UnreadableScanError(
                 f"'{path.name}' is not a supported scan (use NIfTI, NRRD, MetaImage or a DICOM folder)"
@@ -243,12 +246,10 @@ def _read_itk_file(path: Path, volume_index: int | None) -> Volume:
             image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise UnreadableScanError(f"'{path.name}' could not be read: {_itk_reason(exc)}") from None
-    return _finish_itk(image, path.name, _display_name(path), volume_index,
-                       fmt=suffix_of(path).lstrip(".").upper() or "DICOM")
+    return _finish_itk(image, path.name, _display_name(path), volume_index, fmt=suffix_of(path).lstrip(".").upper())
 
 
-def _finish_itk(image, filename: str, name: str, volume_index: int | None = None,
-                fmt: str = "ITK", modality: str | None = None, extra_info: dict | None = None) -> Volume:
+def _finish_itk(image, filename: str, name: str, volume_index: int | None, fmt: str) -> Volume:
     """Turn a SimpleITK image into a :class:`Volume` without copying voxels."""
     dim = image.GetDimension()
     components = image.GetNumberOfComponentsPerPixel()
@@ -273,11 +274,7 @@ def _finish_itk(image, filename: str, name: str, volume_index: int | None = None
         itk={"origin": list(origin), "spacing": list(spacing), "direction": direction.ravel().tolist()},
     )
     info["format"] = fmt
-    info.update(extra_info or {})
-    volume = Volume(data=data, geometry=geometry, name=name, is_label_map=_looks_like_labels(data), info=info)
-    if modality:
-        volume.modality, volume.modality_guessed = modality, False
-    return volume
+    return Volume(data=data, geometry=geometry, name=name, is_label_map=_looks_like_labels(data), info=info)
 
 
 # -- shared checks ------------------------------------------------------------
