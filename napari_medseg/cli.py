@@ -17,8 +17,15 @@ from .core.privacy import install_log_filter, remember_paths, scrub
 EXIT_USER_ERROR = 2
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every option's default, and keeps descriptions as written."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default (where it has one), and keeps descriptions as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text \
+                and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
 
 
 def _say(message: str, stream=None) -> None:
@@ -134,6 +141,8 @@ def _registry(args):
 
 
 def _cmd_predict(args) -> int:
+    from pathlib import Path
+
     from .core.domain import scan_problems
     from .core.inference import InferenceSettings, segment
     from .core.io import MASK_SUFFIXES, NIFTI_SUFFIXES, map_file, mask_file, read_volume
@@ -166,12 +175,12 @@ def _cmd_predict(args) -> int:
     _warn(warnings)
     rows = result.volumes()
     if args.json:
-        print(json.dumps({"output": str(args.output), "model": model.title, "volumes": rows,
+        print(json.dumps({"output": Path(args.output).name, "model": model.title, "volumes": rows,
                           "warnings": warnings,
                           "run": {k: v for k, v in result.info.items() if k not in ("messages", "warnings")}},
                          indent=2))
     else:
-        print(f"wrote {args.output} ({model.title}, {result.info['device']}, "
+        print(f"wrote {Path(args.output).name} ({model.title}, {result.info['device']}, "
               f"{result.info['seconds']:.1f} s network time)")
         for row in rows:
             flag = f"  WARNING: {row['warning']}" if "warning" in row else ""
@@ -241,7 +250,7 @@ def _cmd_train(args) -> int:
         card = card.replace(metrics={"held_out": metrics})
         _say(f"held-out Dice: {json.dumps(metrics)}")
     path = save_model(target, network, card, roi_network)
-    print(f"wrote {path}")
+    print(f"wrote {path.name} into {path.parent.name}/")
     return 0
 
 
@@ -429,7 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     install_log_filter()
+    # Library warnings can quote full paths; what matters reaches the user as our own lines.
+    warnings.simplefilter("ignore")
     parser = build_parser()
     args = parser.parse_args(argv)
     remember_paths(*[value for value in vars(args).values() if isinstance(value, str)])

@@ -7,8 +7,19 @@ cd "$(dirname "$0")/.."
 
 VENV="${MEDSEG_VENV:-.venv}"
 EXTRAS="${MEDSEG_EXTRAS:-pyqt5}"
-# CPU build by default; set MEDSEG_TORCH to e.g. "torch" or a CUDA wheel to use a GPU.
-TORCH_SPEC="${MEDSEG_TORCH:-torch==2.13.0}"
+# Which PyTorch build (see the README, "Which PyTorch you get"):
+#   unset -> torch==2.13.0 through pip's own configuration: on machines with a local wheel
+#            store (like our CI) that is the CPU build; from PyPI on Linux it is the CUDA
+#            build (several GB), which also runs on a CPU.
+#   cpu   -> the CPU-only build from PyTorch's own index (about 200 MB).
+#   cuda  -> PyPI's default build (CUDA on Linux).
+#   else  -> any pip requirement, e.g. "torch==2.9.1".
+case "${MEDSEG_TORCH:-}" in
+  "") TORCH_ARGS=("torch==2.13.0") ;;
+  cpu) TORCH_ARGS=("torch" "--index-url" "https://download.pytorch.org/whl/cpu") ;;
+  cuda) TORCH_ARGS=("torch") ;;
+  *) TORCH_ARGS=("$MEDSEG_TORCH") ;;
+esac
 
 apt_packages=(xvfb xauth libgl1 libgl1-mesa-dri libegl1 libxkbcommon-x11-0 libxcb-icccm4
   libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0
@@ -54,8 +65,8 @@ pip_install() {  # pip, quiet unless it fails
 
 pip_install --upgrade pip
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  echo "[setup] installing $TORCH_SPEC"
-  pip_install "$TORCH_SPEC"
+  echo "[setup] installing ${TORCH_ARGS[*]}"
+  pip_install "${TORCH_ARGS[@]}"
 fi
 echo "[setup] installing napari-medseg[$EXTRAS]"
 pip_install -e ".[$EXTRAS]"

@@ -189,3 +189,90 @@ def test_full_disk_loses_nothing(tmp_path):
     assert "no file was changed" in result.stdout
     assert old.read_bytes() == b"previous mask"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii", "scan.nii"]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "napari_medseg.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_volume_on_a_3d_file_and_series_on_a_file_are_refused(tmp_path):
+    path = write_nifti(tmp_path / "scan.nii.gz", random_volume(), AFFINES["ras"])
+    result = _cli("info", path, "--volume", "1")
+    assert result.returncode == 2 and "single 3D volume; there is no volume 1" in result.stderr
+    result = _cli("info", path, "--series", "5")
+    assert result.returncode == 2 and "a series can only be chosen in a folder" in result.stderr
+    assert _cli("info", path, "--volume", "0").returncode == 0
+
+
+def test_the_oblique_note_is_for_the_viewer_only(tmp_path):
+    from napari.utils.notifications import notification_manager
+
+    path = write_nifti(tmp_path / "oblique.nii.gz", random_volume(), AFFINES["oblique"])
+    result = _cli("info", path)
+    assert result.returncode == 0 and "2D slices are shown" not in result.stdout + result.stderr
+    before = len(notification_manager.records)
+    _reader.read_scan(str(path))
+    assert any("2D slices are shown" in str(n.message) for n in notification_manager.records[before:])
+
+
+def test_a_pickled_model_prints_only_our_refusal(tmp_path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"state_dict": Payload(), "card": "{}"}))
+    result = _cli("models", "import", path)
+    assert result.returncode == 2 and "ran" not in result.stdout
+    assert result.stderr.strip().splitlines() == [
+        "napari-medseg: error: refused to load 'evil.pt': it contains pickled code or objects, not plain weights "
+        "(only safetensors or weights-only torch files load)"]
+
+
+def test_the_four_d_message_reads_as_one_sentence(tmp_path):
+    data = np.stack([random_volume(seed=s) for s in range(2)], axis=-1)
+    path = write_nifti(tmp_path / "dwi.nii.gz", data, AFFINES["ras"])
+    result = _cli("info", path)
+    assert result.stderr.strip() == ("napari-medseg: error: 'dwi.nii.gz' is 4D with 2 volumes, numbered 0 to 1; "
+                                     "choose one (pass --volume N)")
+
+
+def test_importing_an_installed_model_again_says_so(tmp_path):
+    from napari_medseg.core.models import BUNDLED_DIR
+
+    env = {**__import__("os").environ, "NAPARI_MEDSEG_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "napari_medseg.cli", "models", "import",
+                             str(BUNDLED_DIR / "brain-t1.safetensors")], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and "already installed (bundled, same content hash)" in result.stdout
+    listing = subprocess.run([sys.executable, "-m", "napari_medseg.cli", "models", "list"], capture_output=True,
+                             text=True, env=env)
+    assert listing.stdout.count("brain-t1 ") == 1
+
+
+def test_every_train_option_has_a_description_and_its_default():
+    import argparse
+
+    from napari_medseg.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    train = commands["train"]
+    for action in train._actions:
+        if action.dest in ("help",):
+            continue
+        assert action.help, action.dest
+    text = " ".join(train.format_help().split())
+    assert "(default: 1000)" in text and "(default: [80, 96, 80])" in text and "(default: auto)" in text
+    models = next(a for a in commands["models"]._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert "Verify a model file" in models["import"].format_help()
+    assert "mps" in commands["predict"].format_help()
+
+
+def test_the_overlap_box_shows_the_engine_default(make_napari_viewer):
+    from napari_medseg._widgets.segment import SegmentWidget
+    from napari_medseg.core.inference import DEFAULT_OVERLAP
+
+    widget = SegmentWidget(make_napari_viewer())
+    assert widget._overlap.native.text() == "0.125" and widget._overlap.value == DEFAULT_OVERLAP

@@ -24,7 +24,7 @@ from .errors import (
 )
 from .geometry import ScanGeometry, check_affine, itk_to_ras_affine, ras_affine_to_itk
 from .outputs import write_files
-from .privacy import native_messages, quiet_simpleitk
+from .privacy import library_warnings_silenced, native_messages, quiet_simpleitk
 from .progress import Progress
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -156,7 +156,8 @@ def read_volume(
 
 def _read_nifti(path: Path, volume_index: int | None) -> Volume:
     try:
-        img = nib.load(str(path))
+        with library_warnings_silenced():
+            img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for junk input
         raise UnreadableScanError(f"'{path.name}' is not a valid NIfTI file ({_short(exc, path)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):

@@ -147,11 +147,12 @@ def write_files(items: Sequence[tuple], *, error: type = MedsegError) -> list:
 
 def _commit(staged: list, error: type) -> None:
     """Rename staged files into place; on failure put every earlier file back."""
-    backups: list[tuple[Path, str | None]] = []
+    done: list[tuple[Path, str | None]] = []
+    label = ""
     try:
-        for path, tmp, _label in staged:
+        for path, tmp, label in staged:
             backup = None
-            if len(staged) > 1 and path.exists():
+            if len(staged) > 1 and os.path.lexists(path):
                 # A hard link keeps the old file reachable while the new one replaces it.
                 backup = f"{tmp}.previous"
                 try:
@@ -160,21 +161,23 @@ def _commit(staged: list, error: type) -> None:
                     import shutil
 
                     shutil.copy2(path, backup)
-            backups.append((path, backup))
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if backup is not None:
+                    _remove_quietly(backup)
+                raise
+            done.append((path, backup))
     except OSError as exc:
-        for path, backup in backups[:-1] if backups else []:
+        for path, backup in reversed(done):
             if backup is not None:
                 os.replace(backup, path)
             else:
                 _remove_quietly(path)
-        if backups and backups[-1][1] is not None:
-            _remove_quietly(backups[-1][1])
-        raise error(f"could not write {staged[len(backups) - 1][2]}: {exc.strerror or exc}; "
-                    "no file was changed") from None
+        raise error(f"could not write {label}: {exc.strerror or exc}; no file was changed") from None
     for folder in {str(path.parent) for path, _tmp, _label in staged}:
         _fsync_path(folder, directory=True)
-    for _path, backup in backups:
+    for _path, backup in done:
         if backup is not None:
             _remove_quietly(backup)
 

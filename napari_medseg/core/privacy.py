@@ -115,6 +115,17 @@ def native_messages():
                 captured.extend(library_lines(sink.read().decode("utf-8", "replace")))
 
 
+@contextlib.contextmanager
+def library_warnings_silenced():
+    """Python warnings raised inside a library call are dropped: they may quote full paths,
+    and whatever matters in them reaches the user as our own one-line message."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def quiet_simpleitk():
     """SimpleITK with ITK's global warning display off (its warnings carry full paths)."""
     import SimpleITK as sitk

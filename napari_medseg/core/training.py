@@ -168,16 +168,21 @@ def read_dataset(data_dir: str | Path, progress: Progress | None = None) -> Data
     return Dataset(cases, names, modality)
 
 
+def _naming(path: Path, exc: Exception) -> str:
+    """A fault line that names its file once."""
+    return str(exc) if path.name in str(exc) else f"{path.name}: {exc}"
+
+
 def _read_case(image_path: Path, label_path: Path, n_labels: int, faults: list) -> ScanCase | None:
     try:
         image = read_volume(image_path)
     except MedsegError as exc:
-        faults.append(f"{image_path.name}: {exc}")
+        faults.append(_naming(image_path, exc))
         return None
     try:
         label = read_volume(label_path)
     except MedsegError as exc:
-        faults.append(f"{label_path.name}: {exc}")
+        faults.append(_naming(label_path, exc))
         return None
     if label.geometry.file_shape != image.geometry.file_shape:
         faults.append(f"{label_path.name}: shape {label.geometry.file_shape} does not match its image "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..privacy import library_warnings_silenced
 from ..progress import Progress, report
 
 # The technical attributes read from every file (and nothing else).
@@ -169,7 +170,7 @@ def read_header(path: Path) -> Instance:
     """One file's allow-listed header; raises ``pydicom`` or ``OSError`` errors for junk."""
     import pydicom
 
-    with open(path, "rb") as handle:
+    with open(path, "rb") as handle, library_warnings_silenced():
         dataset = pydicom.dcmread(handle, defer_size=512, specific_tags=list(TAGS),
                                   force=not looks_like_dicom_file(path))
     meta = getattr(dataset, "file_meta", None)
@@ -226,7 +227,8 @@ def _single_frame_groups(instance: Instance) -> None:
     level); these files are stacked like classic slices, so their plane is read here."""
     import pydicom
 
-    dataset = pydicom.dcmread(str(instance.path), stop_before_pixels=True)
+    with library_warnings_silenced():
+        dataset = pydicom.dcmread(str(instance.path), stop_before_pixels=True)
     groups = []
     for key in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
         items = dataset.get(key) or ()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import NotAVolumeError, UnreadableScanError
-from ..privacy import scrub
+from ..privacy import library_warnings_silenced, scrub
 
 # highdicom index (frame, row, column) -> our file index (column, row, frame)
 _REORDER = [2, 1, 0, 3]
@@ -29,8 +29,9 @@ def read_multiframe(path) -> tuple[np.ndarray, np.ndarray]:
     import highdicom as hd
 
     try:
-        image = hd.imread(str(path))
-        volume = image.get_volume(dtype=np.float32)
+        with library_warnings_silenced():
+            image = hd.imread(str(path))
+            volume = image.get_volume(dtype=np.float32)
     except (ValueError, RuntimeError, AttributeError, KeyError) as exc:
         raise UnreadableScanError(f"the multi-frame image '{path.name}' could not be read as one volume "
                                   f"({scrub(str(exc).splitlines()[0])[:120]})") from None
@@ -45,11 +46,12 @@ def read_segmentation(path) -> tuple[np.ndarray, np.ndarray, dict]:
     import highdicom as hd
 
     try:
-        seg = hd.seg.segread(str(path))
-        names = {int(item.SegmentNumber): str(getattr(item, "SegmentLabel", f"segment {item.SegmentNumber}"))
-                 for item in seg.SegmentSequence}
-        volume = seg.get_volume(combine_segments=True, relabel=False, skip_overlap_checks=True,
-                                dtype=np.uint16)
+        with library_warnings_silenced():
+            seg = hd.seg.segread(str(path))
+            names = {int(item.SegmentNumber): str(getattr(item, "SegmentLabel", f"segment {item.SegmentNumber}"))
+                     for item in seg.SegmentSequence}
+            volume = seg.get_volume(combine_segments=True, relabel=False, skip_overlap_checks=True,
+                                    dtype=np.uint16)
     except (ValueError, RuntimeError, AttributeError, KeyError) as exc:
         raise UnreadableScanError(f"the segmentation '{path.name}' could not be read "
                                   f"({scrub(str(exc).splitlines()[0])[:120]})") from None
