@@ -218,6 +218,8 @@ def _cmd_train(args) -> int:
         model = _registry(args).load(args.init, for_training=True)
         network, roi_network = model.network, model.roi_network
         card = model.card.replace(name=args.name, version=args.version)
+        if args.postprocessing:
+            card = card.replace(pipeline={**card.pipeline.to_dict(), "postprocessing": list(args.postprocessing)})
     else:
         if any(c <= 0 for c in args.channels) or len(args.channels) < 2:
             raise MedsegError(f"--channels needs two or more positive widths, got {args.channels}")
@@ -454,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("napari-medseg: interrupted")
         return 130
+    except BrokenPipeError:  # the reader of our output went away (e.g. `| head`): not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except MemoryError:
         _say("napari-medseg: error: not enough memory for this volume")
     except OSError as exc:

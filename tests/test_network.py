@@ -91,3 +91,47 @@ def test_forward_hooks_see_every_layer_under_inference_mode():
     for handle in handles:
         handle.remove()
     assert seen == ["decoders.0", "decoders.1", "head"]
+
+
+# -- deepbet's LinkNet3d, rebuilt eagerly ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def deepbet_folder():
+    from napari_medseg.core.convert import find_deepbet
+
+    return find_deepbet()  # the testing extra installs deepbet 1.0.2
+
+
+@pytest.mark.parametrize("weights", ["bbox_model.pt", "model.pt"])
+def test_eager_linknet_reproduces_deepbets_torchscript(deepbet_folder, weights):
+    from napari_medseg.core.network import LinkNet3d
+
+    scripted = torch.jit.load(str(deepbet_folder / weights), map_location="cpu").eval()
+    eager = LinkNet3d().eval()
+    eager.load_state_dict(scripted.state_dict(), strict=True)  # every key matches
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 64, 96, 64)
+    with torch.no_grad():
+        expected, ours = scripted(x), eager(x)
+    assert ours.shape == expected.shape == (1, 2, 64, 96, 64)
+    assert float((ours - expected).abs().max()) <= 1e-4
+
+
+def test_linknet_trains_and_takes_forward_hooks():
+    """What TorchScript refuses: a gradient step, and hooks on a named layer (for Grad-CAM)."""
+    from napari_medseg.core.network import LinkNet3d
+
+    torch.manual_seed(0)
+    net = LinkNet3d(channels=(8, 16, 32, 64)).train()
+    seen = {}
+    net.up3.register_forward_hook(lambda module, inputs, output: seen.update(up3=tuple(output.shape)))
+    x = torch.randn(1, 1, 64, 64, 64)
+    target = (torch.rand(1, 64, 64, 64) > 0.5).long()
+    before = net.tp_conv2.weight.detach().clone()
+    loss = torch.nn.functional.cross_entropy(net(x, return_logits=True), target)
+    loss.backward()
+    torch.optim.SGD(net.parameters(), lr=0.1).step()
+    assert seen["up3"] == (1, 8, 16, 16, 16)
+    assert not torch.equal(before, net.tp_conv2.weight) and net.up3.conv1[0].weight.grad is not None
+    probabilities = net.eval()(x)
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(1, 64, 64, 64))

@@ -470,10 +470,12 @@ def labels_to_scan_nearest(labels: np.ndarray, prepared: PreparedScan) -> np.nda
     """Labels computed on the network grid, put back on the scan grid by nearest voxel."""
     from .pipeline import from_working
 
+    from .pipeline import paste
+
     full = np.zeros(prepared.working_shape, dtype=np.uint8)
     if tuple(labels.shape) != prepared.region_shape:
         index = [np.minimum(((np.arange(m) + 0.5) * n / m).astype(np.intp), n - 1)
                  for n, m in zip(labels.shape, prepared.region_shape)]
         labels = labels[np.ix_(*index)]
-    full[prepared.region] = labels
+    paste(full, labels, prepared.region)
     return np.ascontiguousarray(from_working(full, prepared.axis_order))

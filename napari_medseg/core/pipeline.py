@@ -155,20 +155,65 @@ def body_mask(array, coarse: bool = False) -> np.ndarray:
     return full[:values.shape[0], :values.shape[1], :values.shape[2]]
 
 
+def _otsu_above_air(values: np.ndarray) -> float:
+    """Otsu's threshold over every voxel brighter than the darkest value: padding with air
+    (the darkest value) leaves it unchanged, so the body's box does not depend on the field of view."""
+    from skimage.filters import threshold_otsu
+
+    low = float(values.min())
+    above = values[values > low] if (values > low).any() else values.ravel()
+    # Clip at the 95th percentile, so that a small very bright object (a marker, metal)
+    # cannot pull the threshold above the whole body.
+    high = float(np.percentile(above, 95))
+    counts, edges = np.histogram(np.minimum(above, high), bins=256)
+    return float(threshold_otsu(hist=(counts, (edges[:-1] + edges[1:]) / 2)))
+
+
 def body_box(array, spacing: tuple, margin_mm: float) -> tuple:
-    """The imaged body's bounding box plus ``margin_mm``, as index slices of ``array``."""
-    mask, step = body_mask(array, coarse=True)
+    """The imaged body's bounding box plus ``margin_mm``, as index slices of ``array``.
+
+    The box may reach past the array where the body touches its edge: the region is then
+    filled with air, exactly as if the scan had been padded, so a padded scan and the
+    scan itself give the same region.
+    """
+    from scipy import ndimage
+
+    values = np.asarray(array)
+    step = max(1, int(math.ceil((values.size / 20_000_000) ** (1 / 3))))
+    small = values[::step, ::step, ::step]
+    mask = small > _otsu_above_air(small)
+    if mask.any():
+        mask = ndimage.binary_opening(mask, iterations=1)
+        mask = largest_component(mask) if mask.any() else mask
     box = []
-    for axis, (n, s) in enumerate(zip(np.shape(array), spacing)):
+    for axis, (n, s) in enumerate(zip(values.shape, spacing)):
         present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
         if present.size == 0:
             box.append(slice(0, n))
             continue
-        margin = int(math.ceil(margin_mm / s))
-        low = max(0, int(present[0]) * step - margin)
-        high = min(n, (int(present[-1]) + 1) * step + margin)
-        box.append(slice(low, high))
+        margin = int(math.ceil(margin_mm / s - 1e-9))
+        box.append(slice(int(present[0]) * step - margin, min(n, (int(present[-1]) + 1) * step) + margin))
     return tuple(box)
+
+
+def crop(array, region: tuple, fill: float) -> np.ndarray:
+    """``array[region]`` as float32, where parts of the region outside the array are ``fill``."""
+    shape = tuple(s.stop - s.start for s in region)
+    inside = tuple(slice(max(0, s.start), min(n, s.stop)) for s, n in zip(region, np.shape(array)))
+    part = np.asarray(array[inside], dtype=np.float32)
+    if part.shape == shape:
+        return np.ascontiguousarray(part)
+    out = np.full(shape, fill, dtype=np.float32)
+    out[tuple(slice(i.start - s.start, i.stop - s.start) for i, s in zip(inside, region))] = part
+    return out
+
+
+def paste(full: np.ndarray, values: np.ndarray, region: tuple) -> None:
+    """Put region-shaped ``values`` into ``full`` (its last three axes), where the region lies inside it."""
+    lead = full.ndim - 3
+    inside = tuple(slice(max(0, s.start), min(n, s.stop)) for s, n in zip(region, full.shape[lead:]))
+    source = tuple(slice(i.start - s.start, i.stop - s.start) for i, s in zip(inside, region))
+    full[(slice(None),) * lead + inside] = values[(slice(None),) * lead + source]
 
 
 # -- normalisation --------------------------------------------------------------------
@@ -280,11 +325,6 @@ def _network_box(probability: torch.Tensor, region_shape: tuple, margin: float, 
     return tuple(box)
 
 
-def _region_tensor(working, region: tuple) -> torch.Tensor:
-    part = np.asarray(working[region], dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(part))
-
-
 def prepare(layer_array, layer_affine_ras: np.ndarray, card: ModelCard,
             roi_network: torch.nn.Module | None = None, device: torch.device | None = None) -> PreparedScan:
     """Bring a layer-order scan onto ``card``'s network grid (see the module's steps)."""
@@ -302,10 +342,11 @@ def prepare(layer_array, layer_affine_ras: np.ndarray, card: ModelCard,
         region = body_box(working, spacing, roi.margin_mm if roi.kind == "body" else max(roi.margin_mm, 10.0))
     # Intensity statistics: the region (or, to reproduce a published tool, the whole field
     # of view); the first stage's coarse grid is the sample, as in deepbet.
+    air = float(np.min(working))
     if roi.kind == "network":
         if roi_network is None:
             raise MedsegError(f"the model {card.title} needs its first-stage network, which was not loaded")
-        region_tensor = _region_tensor(working, region)
+        region_tensor = torch.from_numpy(crop(working, region, air))
         coarse = resample(region_tensor, roi.input_shape, mode)
         stats = intensity_statistics(coarse.numpy(), pipeline.normalisation)
         stage_one = normalise(coarse, pipeline.normalisation, stats)
@@ -317,9 +358,9 @@ def prepare(layer_array, layer_affine_ras: np.ndarray, card: ModelCard,
         inner = _network_box(foreground, tuple(region_tensor.shape), roi.margin_fraction, roi.threshold)
         region = tuple(slice(outer.start + box.start, outer.start + box.stop) for outer, box in zip(region, inner))
         info["first_stage_box"] = [[s.start, s.stop] for s in inner]
-    else:
-        stats = intensity_statistics(_sample(working[region]), pipeline.normalisation)
-    region_tensor = _region_tensor(working, region)
+    region_tensor = torch.from_numpy(crop(working, region, air))
+    if roi.kind != "network":
+        stats = intensity_statistics(_sample(region_tensor.numpy()), pipeline.normalisation)
     model_shape = grid_shape(tuple(region_tensor.shape), spacing, card)
     tensor = resample(region_tensor, model_shape, mode)
     tensor = normalise(tensor, pipeline.normalisation, stats).contiguous()
@@ -347,7 +388,7 @@ def to_scan(maps: torch.Tensor, prepared: PreparedScan, background=0.0) -> np.nd
     fill = np.broadcast_to(np.asarray(background, dtype=np.float32), (channels,))
     full = np.empty((channels, *prepared.working_shape), dtype=np.float32)
     full[:] = fill[:, None, None, None]
-    full[(slice(None),) + prepared.region] = inside.numpy()
+    paste(full, inside.numpy(), prepared.region)
     out = from_working(full, prepared.axis_order)
     return np.ascontiguousarray(out[0] if squeeze else out)
 
@@ -364,7 +405,7 @@ def labels_to_scan(scores: torch.Tensor, prepared: PreparedScan, threshold: floa
     """
     region_shape = prepared.region_shape
     labels = np.zeros(prepared.working_shape, dtype=np.uint8)
-    inside = labels[prepared.region]
+    inside = np.zeros(region_shape, dtype=np.uint8)
     depth = scores.shape[1]
     mode = _back_mode(prepared)
     x = scores[None].float()
@@ -389,4 +430,5 @@ def labels_to_scan(scores: torch.Tensor, prepared: PreparedScan, threshold: floa
             inside[start:stop] = (part[1] > threshold).to(torch.uint8).numpy()
         else:
             inside[start:stop] = part.argmax(0).to(torch.uint8).numpy()
+    paste(labels, inside, prepared.region)
     return np.ascontiguousarray(from_working(labels, prepared.axis_order))

@@ -1,0 +1,104 @@
+"""One pipeline for every model: the network's input does not depend on the field of view,
+its statistics come from the region of interest, and maps come back onto the scan's grid."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from napari_medseg._sample import sample_path
+from napari_medseg.core.io import read_volume
+from napari_medseg.core.models import ModelRegistry
+from napari_medseg.core.pipeline import labels_to_scan, prepare, to_scan
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return ModelRegistry(home="/nonexistent-medseg-home")
+
+
+@pytest.fixture(scope="module")
+def head():
+    volume = read_volume(sample_path())
+    return np.asarray(volume.layer_data(), dtype=np.float32), volume.geometry.layer_affine_ras
+
+
+def padded(image, affine, mm=60.0):
+    pad = [int(round(mm / s)) for s in np.linalg.norm(affine[:3, :3], axis=0)]
+    out = np.pad(image, [(p, p) for p in pad], constant_values=float(image.min()))
+    shifted = affine.copy()
+    shifted[:3, 3] -= affine[:3, :3] @ pad
+    return out, shifted
+
+
+@pytest.mark.parametrize("name", ["brain-t1", "brain-t1-attention"])
+def test_the_network_input_is_the_same_with_60_mm_of_air_around_the_head(registry, head, name):
+    model = registry.load(name)
+    image, affine = head
+    plain = prepare(image, affine, model.card, model.roi_network)
+    wide = prepare(*padded(image, affine), model.card, model.roi_network)
+    assert plain.tensor.shape == wide.tensor.shape
+    assert float((plain.tensor - wide.tensor).abs().max()) <= 1e-3
+    for key in ("low", "high"):
+        assert plain.info["statistics"][key] == pytest.approx(wide.info["statistics"][key], abs=1e-3)
+
+
+def test_the_network_input_is_the_same_for_a_permuted_and_flipped_file(registry, tmp_path):
+    model = registry.load("brain-t1")
+    source = nib.load(sample_path())
+    data = np.asarray(source.dataobj)
+    permuted = np.flip(np.transpose(data, (2, 0, 1)), 0).copy()
+    affine = source.affine[:, [2, 0, 1, 3]].copy()
+    affine[:, 0] *= -1
+    affine[:3, 3] = source.affine[:3, 3] + source.affine[:3, 2] * (data.shape[2] - 1)
+    nib.save(nib.Nifti1Image(permuted, affine), tmp_path / "permuted.nii.gz")
+    a = read_volume(sample_path())
+    b = read_volume(tmp_path / "permuted.nii.gz")
+    pa = prepare(a.layer_data(), a.geometry.layer_affine_ras, model.card, model.roi_network)
+    pb = prepare(b.layer_data(), b.geometry.layer_affine_ras, model.card, model.roi_network)
+    assert float((pa.tensor - pb.tensor).abs().max()) <= 1e-3
+
+
+def test_statistics_come_from_the_region_not_the_field_of_view(registry, head):
+    """A bright object far from the head changes whole-FOV statistics, not the region's."""
+    model = registry.load("brain-t1")
+    image, affine = head
+    wide, wide_affine = padded(image, affine)
+    with_object = wide.copy()
+    with_object[:15, :42, :42] = 20 * float(image.max())  # a bright block in the air, 30 mm from the head
+    region = prepare(with_object, wide_affine, model.card, model.roi_network)
+    clean = prepare(wide, wide_affine, model.card, model.roi_network)
+    assert region.info["statistics"]["high"] == pytest.approx(clean.info["statistics"]["high"], rel=1e-3)
+    exact = model.card.replace(pipeline={**model.card.pipeline.to_dict(), "normalisation": {
+        **model.card.pipeline.normalisation.to_dict(), "statistics": "field_of_view"}})
+    fov = prepare(with_object, wide_affine, exact, model.roi_network)
+    assert fov.info["statistics"]["high"] > 2 * region.info["statistics"]["high"]
+    box = region.info["region"]
+    assert all(start > 0 for start, _stop in box)  # the air margin is outside the region
+
+
+def test_maps_come_back_onto_the_scan_grid(registry, head):
+    model = registry.load("brain-t1-attention")
+    image, affine = head
+    prepared = prepare(image, affine, model.card)
+    # A smooth map on the network grid: its first axis, scaled to [0, 1].
+    d = prepared.model_shape[0]
+    ramp = torch.linspace(0, 1, d).view(d, 1, 1).expand(*prepared.model_shape).clone()
+    back = to_scan(ramp, prepared)
+    assert back.shape == image.shape and back.dtype == np.float32
+    box = tuple(slice(max(0, s.start), min(n, s.stop)) for s, n in zip(prepared.region, image.shape))
+    assert any(s.start < 0 for s in prepared.region)  # the head touches the edge: the region reaches past it
+    inside = back[box]
+    assert np.all(np.diff(inside[:, inside.shape[1] // 2, inside.shape[2] // 2]) >= -1e-6)  # still a ramp
+    wide, wide_affine = padded(image, affine)
+    wide_prepared = prepare(wide, wide_affine, model.card)
+    wide_back = to_scan(ramp, wide_prepared)
+    outside = np.ones(wide.shape, bool)
+    outside[wide_prepared.region] = False
+    assert outside.any() and np.all(wide_back[outside] == 0)  # outside the region: the background value
+    probabilities = torch.stack([1 - ramp, ramp])
+    labels = labels_to_scan(probabilities, prepared)
+    assert labels.shape == image.shape and set(np.unique(labels)) <= {0, 1}
+    np.testing.assert_array_equal(labels[box] == 1, inside > 0.5)
