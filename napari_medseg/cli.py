@@ -55,9 +55,7 @@ def _cmd_info(args) -> int:
         volume = read_volume(args.input, volume_index=args.volume, series=args.series)
     except MultipleSeriesError as exc:
         # A study folder: the series list is the answer (choose one with --series N).
-        from .core.dicom import list_series
-
-        listing = list_series(args.input)
+        listing = {"series": exc.series, "skipped": exc.skipped}
         if args.json:
             print(json.dumps(listing, indent=2))
         else:
@@ -173,11 +171,12 @@ def _cmd_predict(args) -> int:
     write_files(outputs)
     warnings = volume.warnings + problems + result.info.get("messages", []) + result.warnings
     _warn(warnings)
-    rows = result.volumes()
+    rows = result.volume_rows()
     if args.json:
         print(json.dumps({"output": Path(args.output).name, "model": model.title, "volumes": rows,
                           "warnings": warnings,
-                          "run": {k: v for k, v in result.info.items() if k not in ("messages", "warnings")}},
+                          "run": {k: v for k, v in result.info.items()
+                                  if k not in ("messages", "warnings", "volumes")}},
                          indent=2))
     else:
         print(f"wrote {Path(args.output).name} ({model.title}, {result.info['device']}, "
@@ -336,8 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Headless tools of napari-medseg: scan info, segmentation, training, models.",
     )
     from . import __version__
-    from .core.devices import DEVICE_HELP, DEVICES
-    from .core.inference import DEFAULT_OVERLAP
+    from .core.defaults import DEFAULT_OVERLAP, DEVICE_HELP, DEVICES
 
     parser.add_argument("--version", action="version", version=f"napari-medseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

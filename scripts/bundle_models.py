@@ -32,7 +32,7 @@ def attention_card(old):
     pipeline = data["pipeline"]
     pipeline["roi"] = {"kind": "body", "margin_mm": 10.0}
     pipeline["normalisation"]["statistics"] = "region"
-    data["checks"] = {"max_foreground_ml": 2500, "max_body_fraction": 0.8}
+    data["checks"] = {"max_foreground_ml": 2500, "max_body_fraction": 0.95}
     data["provenance"] = {**data["provenance"],
                           "weights": "napari-medseg 0.1.0 brain-t1 1.0.0, trained by scripts/train_brain_model.sh "
                                      "of that version (three stages, CPU)",

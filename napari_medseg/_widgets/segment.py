@@ -20,10 +20,10 @@ from napari.utils.notifications import show_error, show_info, show_warning
 
 from .._layers import make_metadata, medseg_meta
 from .._worker import BackgroundTask
-from ..core.devices import DEVICES
+from ..core.defaults import DEFAULT_OVERLAP, DEVICES
 from ..core.domain import scan_problems
 from ..core.errors import MedsegError
-from ..core.inference import DEFAULT_OVERLAP, InferenceSettings, segment
+from ..core.inference import InferenceSettings, segment
 from ..core.models import ModelRegistry, peek_card
 from ._dialogs import ask
 from .scan import layer_geometry

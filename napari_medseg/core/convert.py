@@ -110,7 +110,7 @@ def deepbet_card(name: str, version: str, release: str) -> ModelCard:
             "threshold": 0.5,
             "postprocessing": ["largest_component", "fill_holes"],
         },
-        "checks": {"max_foreground_ml": 2500, "max_body_fraction": 0.8},
+        "checks": {"max_foreground_ml": 2500, "max_body_fraction": 0.95},
         "explain": ["gradcam", "entropy", "tta", "activation"],
         "licence": DEEPBET_LICENCE,
         "citation": DEEPBET_CITATION,

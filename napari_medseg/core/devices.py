@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .defaults import DEVICE_HELP, DEVICES  # noqa: F401 - the one list, re-exported
 from .errors import MedsegError
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DEVICE_HELP = "auto = CUDA, then Apple MPS, then the CPU"
 
 
 def _mps_available() -> bool:

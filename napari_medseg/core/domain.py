@@ -85,9 +85,9 @@ def scan_problems(image, layer_spacing: tuple, card: ModelCard, modality: str = 
     return problems
 
 
-def result_warnings(segmentation, raw_labels: np.ndarray, image, card: ModelCard) -> list[str]:
+def result_warnings(segmentation, raw_labels: np.ndarray, image, card: ModelCard, rows: list | None = None) -> list[str]:
     """Warnings about an implausible result (volumes, failure patterns), judged on the raw output too."""
-    warnings = [row["warning"] for row in segmentation.volumes() if "warning" in row]
+    warnings = [row["warning"] for row in (rows if rows is not None else segmentation.volumes()) if "warning" in row]
     checks = card.checks
     voxel_ml = float(np.prod(segmentation.spacing)) / 1000.0
     raw_foreground = int(np.count_nonzero(raw_labels))

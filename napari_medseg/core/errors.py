@@ -34,9 +34,10 @@ class MultiVolumeError(NotAVolumeError):
 class MultipleSeriesError(MedsegError):
     """A DICOM folder with several series: the caller must choose one (``series``)."""
 
-    def __init__(self, message: str, series: list):
+    def __init__(self, message: str, series: list, skipped: list | None = None):
         super().__init__(message)
         self.series = series
+        self.skipped = list(skipped or [])
 
 
 class GeometryMismatchError(MedsegError):

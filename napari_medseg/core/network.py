@@ -274,6 +274,7 @@ class LinkNet3d(nn.Module):
         self.tp_conv2 = nn.ConvTranspose3d(half, out_channels, 2, stride=2)
 
     divisor = 32
+    prefers_channels_last = False  # instance norm runs faster on the default layout (measured on a CPU)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         e0 = self.init(x)

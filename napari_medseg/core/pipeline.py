@@ -27,6 +27,7 @@ The steps, each declared in ``card.pipeline``:
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -128,27 +129,42 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return components == sizes.argmax()
 
 
+_body_cache: dict = {}
+
+
+def _array_key(values: np.ndarray) -> tuple:
+    flat = values.reshape(-1) if values.flags.c_contiguous or values.flags.f_contiguous else None
+    checksum = float(flat[::1009].astype(np.float64).sum()) if flat is not None else None
+    return id(values), values.shape, values.dtype.str, values.strides, checksum
+
+
 def body_mask(array, coarse: bool = False) -> np.ndarray:
     """Voxels inside the imaged body: above an Otsu threshold, the largest part, holes filled.
 
-    Computed on a strided copy of about two million voxels. ``coarse=True`` returns that
-    coarse mask and its step; otherwise it is expanded back to the full grid.
+    Computed on a strided copy of about two million voxels (and kept for the same array,
+    which the domain check, the result checks and post-processing all ask for).
+    ``coarse=True`` returns that coarse mask and its step; otherwise it is expanded back
+    to the full grid.
     """
     from scipy import ndimage
-    from skimage.filters import threshold_otsu
 
     values = np.asarray(array)
-    step = _subsample_step(values.shape)
-    small = np.asarray(values[::step, ::step, ::step], dtype=np.float32)
-    if float(small.max()) <= float(small.min()):
-        mask = np.ones(small.shape, dtype=bool)
+    key = _array_key(values)
+    if _body_cache.get("key") == key:
+        mask, step = _body_cache["value"]
     else:
-        mask = small > threshold_otsu(small)
-        mask = largest_component(ndimage.binary_opening(mask, iterations=1)) if mask.any() else mask
-        if not mask.any():
-            mask = small > small.min()
-        # Close gaps in the outline before filling, so dark enclosed parts (CSF, sinuses) count.
-        mask = ndimage.binary_fill_holes(ndimage.binary_closing(mask, iterations=3))
+        step = _subsample_step(values.shape)
+        small = np.asarray(values[::step, ::step, ::step], dtype=np.float32)
+        if float(small.max()) <= float(small.min()):
+            mask = np.ones(small.shape, dtype=bool)
+        else:
+            mask = small > _otsu_above_air(small)
+            mask = largest_component(ndimage.binary_opening(mask, iterations=1)) if mask.any() else mask
+            if not mask.any():
+                mask = small > small.min()
+            # Close gaps in the outline before filling, so dark enclosed parts (CSF, sinuses) count.
+            mask = ndimage.binary_fill_holes(ndimage.binary_closing(mask, iterations=3))
+        _body_cache.update(key=key, value=(mask, step))
     if coarse:
         return mask, step
     full = np.repeat(np.repeat(np.repeat(mask, step, 0), step, 1), step, 2)
@@ -157,42 +173,62 @@ def body_mask(array, coarse: bool = False) -> np.ndarray:
 
 def _otsu_above_air(values: np.ndarray) -> float:
     """Otsu's threshold over every voxel brighter than the darkest value: padding with air
-    (the darkest value) leaves it unchanged, so the body's box does not depend on the field of view."""
+    (the darkest value) leaves it unchanged, so the body's box does not depend on the field of view.
+
+    One histogram pass over the array (no copies), clipped at the 95th percentile, so
+    that a small very bright object (a marker, metal) cannot pull the threshold above the
+    whole body.
+    """
     from skimage.filters import threshold_otsu
 
-    low = float(values.min())
-    above = values[values > low] if (values > low).any() else values.ravel()
-    # Clip at the 95th percentile, so that a small very bright object (a marker, metal)
-    # cannot pull the threshold above the whole body.
-    high = float(np.percentile(above, 95))
-    counts, edges = np.histogram(np.minimum(above, high), bins=256)
-    return float(threshold_otsu(hist=(counts, (edges[:-1] + edges[1:]) / 2)))
+    low, top = float(values.min()), float(values.max())
+    if top <= low:
+        return low
+    counts, edges = np.histogram(values, bins=4096, range=(low, top))
+    counts[0] -= int(np.count_nonzero(values == low))  # the air itself does not count
+    if np.count_nonzero(counts) <= 1:  # one tissue value above air: halfway is the threshold
+        return (low + float(edges[int(np.argmax(counts))])) / 2 if counts.sum() > 0 else low
+    cumulative = np.cumsum(counts)
+    last = int(np.searchsorted(cumulative, 0.95 * cumulative[-1])) + 1
+    clipped = counts[:last].copy()
+    clipped[-1] += int(cumulative[-1] - cumulative[last - 1])
+    centres = (edges[:last] + edges[1:last + 1]) / 2
+    return float(threshold_otsu(hist=(clipped, centres)))
 
 
-def body_box(array, spacing: tuple, margin_mm: float) -> tuple:
+def body_box(array, spacing: tuple, margin_mm: float, threshold: float | None = None) -> tuple:
     """The imaged body's bounding box plus ``margin_mm``, as index slices of ``array``.
 
-    The box may reach past the array where the body touches its edge: the region is then
-    filled with air, exactly as if the scan had been padded, so a padded scan and the
-    scan itself give the same region.
+    The body is found on a coarse copy (threshold, opening, largest part), then its
+    edges are refined on the full grid with the same threshold, which is taken over all
+    voxels brighter than air. So a padded scan and the scan itself give the same box.
+    The box may reach past the array where the body touches its edge: the region is
+    then filled with air, exactly as if the scan had been padded.
     """
     from scipy import ndimage
 
     values = np.asarray(array)
-    step = max(1, int(math.ceil((values.size / 20_000_000) ** (1 / 3))))
-    small = values[::step, ::step, ::step]
-    mask = small > _otsu_above_air(small)
-    if mask.any():
-        mask = ndimage.binary_opening(mask, iterations=1)
-        mask = largest_component(mask) if mask.any() else mask
-    box = []
+    threshold = _otsu_above_air(values) if threshold is None else threshold
+    step = _subsample_step(values.shape)
+    small = values[::step, ::step, ::step] > threshold
+    if small.any():
+        opened = ndimage.binary_opening(small, iterations=1)
+        small = largest_component(opened) if opened.any() else small
+    if not small.any():
+        return tuple(slice(0, n) for n in values.shape)
+    around = []
     for axis, (n, s) in enumerate(zip(values.shape, spacing)):
-        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        if present.size == 0:
-            box.append(slice(0, n))
-            continue
+        # The coarse box, enlarged by its own quantisation and 10 mm: the full-grid edges lie
+        # well inside it, whatever the coarse step was.
+        present = np.flatnonzero(small.any(axis=tuple(a for a in range(3) if a != axis)))
+        extra = step + int(math.ceil(10.0 / s))
+        around.append(slice(max(0, int(present[0]) * step - extra), min(n, (int(present[-1]) + 1) * step + extra)))
+    inside = values[tuple(around)] > threshold
+    box = []
+    for axis, (outer, s) in enumerate(zip(around, spacing)):
+        present = np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis)))
         margin = int(math.ceil(margin_mm / s - 1e-9))
-        box.append(slice(int(present[0]) * step - margin, min(n, (int(present[-1]) + 1) * step) + margin))
+        box.append(slice(outer.start + int(present[0]) - margin, outer.start + int(present[-1]) + 1 + margin))
     return tuple(box)
 
 
@@ -206,6 +242,20 @@ def crop(array, region: tuple, fill: float) -> np.ndarray:
     out = np.full(shape, fill, dtype=np.float32)
     out[tuple(slice(i.start - s.start, i.stop - s.start) for i, s in zip(inside, region))] = part
     return out
+
+
+def crop_working(layer_array, region: tuple, axis_order: str, fill: float) -> np.ndarray:
+    """:func:`crop` of the working (model-axis) view, read as one block of the layer array:
+    the same values, without gathering through a transposed, flipped view."""
+    if axis_order == "SPL":
+        return crop(layer_array, region, fill)
+    shape = np.shape(layer_array)
+    # RAS working axes: 0 = layer axis 2 reversed, 1 = layer axis 1 reversed, 2 = layer axis 0.
+    n2, n1 = shape[2], shape[1]
+    layer_region = (region[2], slice(n1 - region[1].stop, n1 - region[1].start),
+                    slice(n2 - region[0].stop, n2 - region[0].start))
+    block = crop(layer_array, layer_region, fill)
+    return np.ascontiguousarray(to_working(block, axis_order))
 
 
 def paste(full: np.ndarray, values: np.ndarray, region: tuple) -> None:
@@ -241,24 +291,10 @@ def intensity_statistics(sample: np.ndarray, normalisation: Normalisation) -> di
             scale = float(clipped.std()) or 1.0
         return {"low": float(low), "high": float(high), "offset": float(median), "scale": scale}
     if kind == "quantile_zscore":
-        # torch's quantile on the sample, as deepbet computes it (linear interpolation).
-        values = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32).ravel())
-        q = torch.tensor([normalisation.quantiles[0] / 100, normalisation.quantiles[1] / 100])
-        low, high = (float(v) for v in _quantile(values, q))
-        return {"low": low, "high": high}
+        # Linear interpolation between order statistics, as deepbet's torch.quantile.
+        low, high = np.percentile(np.asarray(sample, dtype=np.float32).ravel(), normalisation.quantiles)
+        return {"low": float(low), "high": float(high)}
     raise MedsegError(f"unknown intensity normalisation {kind!r} in the model file")
-
-
-def _quantile(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    # torch.quantile refuses more than 16 M elements; sorting gives the same answer.
-    if values.numel() <= 16_000_000:
-        return torch.quantile(values, q)
-    ordered = values.sort().values
-    position = q * (ordered.numel() - 1)
-    below = position.floor().long()
-    above = position.ceil().long()
-    weight = position - below
-    return ordered[below] * (1 - weight) + ordered[above] * weight
 
 
 def normalise(tensor: torch.Tensor, normalisation: Normalisation, stats: dict) -> torch.Tensor:
@@ -270,10 +306,10 @@ def normalise(tensor: torch.Tensor, normalisation: Normalisation, stats: dict) -
     if kind == "mr_robust_zscore":
         return (tensor.clamp(low, high) - stats["offset"]) / stats["scale"]
     # quantile_zscore: deepbet's normalize(): scale, clip, z-score on the input, remap.
-    x = ((tensor - low) / max(high - low, 1e-6)).clamp_(0, 1)
-    std = float(x.std())
-    x = (x - float(x.mean())) / (std if std > 0 else 1.0)
-    return normalisation.std * x + normalisation.mean
+    x = tensor.sub(low).div_(max(high - low, 1e-6)).clamp_(0, 1)
+    std, mean = torch.std_mean(x)
+    scale = normalisation.std / (float(std) if float(std) > 0 else 1.0)
+    return x.sub_(float(mean)).mul_(scale).add_(normalisation.mean)
 
 
 # -- the whole preparation ---------------------------------------------------------------
@@ -339,26 +375,30 @@ def prepare(layer_array, layer_affine_ras: np.ndarray, card: ModelCard,
     info: dict = {}
     region = tuple(slice(0, n) for n in shape)
     if roi.kind in ("body", "network") and pipeline.normalisation.statistics == "region":
-        region = body_box(working, spacing, roi.margin_mm if roi.kind == "body" else max(roi.margin_mm, 10.0))
+        # The threshold does not depend on the axis order: take it on the contiguous layer array.
+        region = body_box(working, spacing, roi.margin_mm if roi.kind == "body" else max(roi.margin_mm, 10.0),
+                          _otsu_above_air(np.asarray(layer_array)))
     # Intensity statistics: the region (or, to reproduce a published tool, the whole field
     # of view); the first stage's coarse grid is the sample, as in deepbet.
-    air = float(np.min(working))
+    air = float(np.min(layer_array))
     if roi.kind == "network":
         if roi_network is None:
             raise MedsegError(f"the model {card.title} needs its first-stage network, which was not loaded")
-        region_tensor = torch.from_numpy(crop(working, region, air))
+        region_tensor = torch.from_numpy(crop_working(layer_array, region, pipeline.axis_order, air))
         coarse = resample(region_tensor, roi.input_shape, mode)
         stats = intensity_statistics(coarse.numpy(), pipeline.normalisation)
         stage_one = normalise(coarse, pipeline.normalisation, stats)
         device = device or torch.device("cpu")
         roi_network = roi_network.to(device).eval()
+        began = time.perf_counter()
         with torch.inference_mode():
             output = roi_network(stage_one[None, None].to(device)).float().cpu()[0]
+        info["first_stage_seconds"] = time.perf_counter() - began
         foreground = output[1:].sum(0)
         inner = _network_box(foreground, tuple(region_tensor.shape), roi.margin_fraction, roi.threshold)
         region = tuple(slice(outer.start + box.start, outer.start + box.stop) for outer, box in zip(region, inner))
         info["first_stage_box"] = [[s.start, s.stop] for s in inner]
-    region_tensor = torch.from_numpy(crop(working, region, air))
+    region_tensor = torch.from_numpy(crop_working(layer_array, region, pipeline.axis_order, air))
     if roi.kind != "network":
         stats = intensity_statistics(_sample(region_tensor.numpy()), pipeline.normalisation)
     model_shape = grid_shape(tuple(region_tensor.shape), spacing, card)
@@ -370,6 +410,12 @@ def prepare(layer_array, layer_affine_ras: np.ndarray, card: ModelCard,
 
 
 # -- back onto the scan -------------------------------------------------------------------
+
+def onto_grid_nearest(layer_array, prepared: PreparedScan) -> torch.Tensor:
+    """A layer-order scan-grid array (labels, masks) carried onto the network grid by nearest voxel."""
+    region = crop_working(np.asarray(layer_array, dtype=np.float32), prepared.region, prepared.axis_order, 0.0)
+    return resample(torch.from_numpy(region), prepared.model_shape, "nearest")
+
 
 def _back_mode(prepared: PreparedScan) -> str:
     return "nearest" if prepared.interpolation == "nearest" else "linear"
@@ -400,8 +446,8 @@ def labels_to_scan(scores: torch.Tensor, prepared: PreparedScan, threshold: floa
     ``scores`` are probabilities or logits ``(C, d, h, w)``. They are resampled (linearly,
     or nearest for ``nearest`` grids) one slab of scan slices at a time, so the
     full-resolution float maps never exist at once; then the argmax, or for a binary
-    model with a ``threshold``, foreground where class 1 exceeds it. Outside the region
-    everything is background.
+    model with a ``threshold``, foreground where class 1 (or the one channel given, the
+    foreground probability) exceeds it. Outside the region everything is background.
     """
     region_shape = prepared.region_shape
     labels = np.zeros(prepared.working_shape, dtype=np.uint8)
@@ -426,8 +472,8 @@ def labels_to_scan(scores: torch.Tensor, prepared: PreparedScan, threshold: floa
             i1 = np.minimum(i0 + 1, hi - lo - 1)
             w = torch.from_numpy((c - i0).astype(np.float32)).view(1, 1, -1, 1, 1)
             part = (part[:, :, i0] * (1 - w) + part[:, :, i1] * w)[0]
-        if threshold is not None and part.shape[0] == 2:
-            inside[start:stop] = (part[1] > threshold).to(torch.uint8).numpy()
+        if threshold is not None and part.shape[0] in (1, 2):
+            inside[start:stop] = (part[-1] > threshold).to(torch.uint8).numpy()
         else:
             inside[start:stop] = part.argmax(0).to(torch.uint8).numpy()
     paste(labels, inside, prepared.region)

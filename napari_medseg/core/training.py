@@ -39,7 +39,7 @@ from .card import ModelCard
 from .errors import MedsegError
 from .io import read_volume
 from .metrics import mean_dice
-from .pipeline import PreparedScan, intensity_statistics, normalise, prepare, to_working
+from .pipeline import intensity_statistics, normalise, onto_grid_nearest, prepare
 from .progress import Progress, report
 
 TISSUES_PER_LABEL = 3
@@ -219,14 +219,6 @@ class GridCase:
     statistics: dict = field(default_factory=dict)
 
 
-def onto_grid(layer_array: np.ndarray, prepared: PreparedScan) -> torch.Tensor:
-    """A layer-order scan-grid array (labels, masks) carried onto the network grid by nearest voxel."""
-    from .pipeline import resample
-
-    working = np.ascontiguousarray(to_working(np.asarray(layer_array), prepared.axis_order)[prepared.region])
-    return resample(torch.from_numpy(working.astype(np.float32)), prepared.model_shape, "nearest")
-
-
 def _tissue_classes(image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Every label split into intensity tertiles; the darkest background (air) is class 0."""
     values_all = image.numpy()
@@ -251,10 +243,10 @@ def _tissue_classes(image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
 def grid_case(case: ScanCase, card: ModelCard, roi_network=None, changed_weight: float = 0.0) -> GridCase:
     """Prepare one case for training with ``card``'s pipeline."""
     prepared = prepare(case.image, case.layer_affine_ras, card, roi_network)
-    label = onto_grid(case.label, prepared).to(torch.uint8)
+    label = onto_grid_nearest(case.label, prepared).to(torch.uint8)
     weight = torch.ones(prepared.model_shape, dtype=torch.float32)
     if case.changed is not None and changed_weight > 0:
-        weight += changed_weight * onto_grid(case.changed.astype(np.uint8), prepared)
+        weight += changed_weight * onto_grid_nearest(case.changed.astype(np.uint8), prepared)
     return GridCase(case.name, prepared.tensor, label, weight, _tissue_classes(prepared.tensor, label),
                     prepared.info.get("statistics", {}))
 

@@ -58,7 +58,7 @@ def _safe_tags(instance: Instance) -> dict:
     return {key: value for key, value in values.items() if value}
 
 
-def _choose(series: list, wanted, folder_name: str) -> Series:
+def _choose(series: list, wanted, folder_name: str, skipped: list) -> Series:
     images = [s for s in series if not s.is_segmentation]
     if not images:
         raise UnreadableScanError(f"no DICOM image series found in folder '{folder_name}'")
@@ -78,7 +78,7 @@ def _choose(series: list, wanted, folder_name: str) -> Series:
         raise NotAVolumeError(f"folder '{folder_name}' holds only single 2D images, no 3D series")
     listing = "; ".join(describe(s.summary()) for s in images)
     raise MultipleSeriesError(f"folder '{folder_name}' holds {len(candidates)} DICOM series, choose one: {listing}",
-                              series=[s.summary() for s in series])
+                              series=[s.summary() for s in series], skipped=skipped)
 
 
 def read_series(folder: str | os.PathLike, *, series=None, volume_index: int | None = None,
@@ -88,7 +88,7 @@ def read_series(folder: str | os.PathLike, *, series=None, volume_index: int | N
 
     folder = Path(folder)
     all_series, skipped = _study(folder, progress)
-    chosen = _choose(all_series, series, folder.name)
+    chosen = _choose(all_series, series, folder.name, skipped)
     summary = chosen.summary()
     volumes = chosen.volumes
     name = f"{chosen.first.modality or 'DICOM'} series {chosen.first.series_number or chosen.index}"

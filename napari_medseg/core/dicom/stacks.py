@@ -138,9 +138,11 @@ def _drop_duplicates(instances: list, warnings: list) -> list:
         unique.append(instance)
     by_position = defaultdict(list)
     for instance in unique:
-        by_position[_position_key(instance)].append(instance)
+        # Images that differ in a volume tag (another echo, time point...) are never duplicates.
+        tags = tuple(getattr(instance, attribute) for attribute, _word in VOLUME_TAGS)
+        by_position[(_position_key(instance), tags)].append(instance)
     kept = []
-    for position, group in by_position.items():
+    for (position, _tags), group in by_position.items():
         if len(group) == 1 or position is None:
             kept.extend(group)
             continue
