@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 PLUGIN = "napari-medseg"
-WIDGETS = ("Scan", "Segment")
+WIDGETS = ("Scan", "Segment", "Explain")
 
 
 def build_viewer(scan: str | None = None):

@@ -191,6 +191,61 @@ def _load_model(args):
     return _registry(args).load(args.model)
 
 
+def _cmd_explain(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from .core.domain import scan_problems
+    from .core.explain import explain, uncertain_regions
+    from .core.inference import InferenceSettings
+    from .core.io import NIFTI_SUFFIXES, map_file, read_volume
+    from .core.outputs import check_outputs, write_files
+
+    if not args.output.lower().endswith(NIFTI_SUFFIXES):
+        raise MedsegError(f"cannot write maps to '{args.output}': use .nii.gz or .nii")
+    if args.regions and not args.regions.lower().endswith(".json"):
+        raise MedsegError(f"cannot write regions to '{args.regions}': use .json")
+    check_outputs({"-o": args.output, "--regions": args.regions},
+                  [args.input, args.region] + _model_inputs(args.model))
+    settings = InferenceSettings(device=args.device)
+    model = _load_model(args)
+    volume = read_volume(args.input, volume_index=args.volume, series=args.series)
+    if volume.is_label_map:
+        raise MedsegError(f"'{volume.name}' looks like a label map, not an image to explain")
+    image = volume.layer_data()
+    problems = scan_problems(image, volume.geometry.layer_spacing, model.card, volume.modality,
+                             volume.modality_guessed, volume.info.get("dicom", {}).get("BodyPartExamined"))
+    if problems and not args.force:
+        raise MedsegError(f"{problems[0]}; pass --force to explain it anyway")
+    region = None
+    if args.region:
+        mask = read_volume(args.region)
+        if mask.geometry.file_shape != volume.geometry.file_shape:
+            raise MedsegError(f"the region '{Path(args.region).name}' has shape {mask.geometry.file_shape}, but "
+                              f"the scan has {volume.geometry.file_shape}")
+        region = volume.geometry.to_layer(mask.data) > 0
+    result = explain(image, volume.geometry.layer_affine_ras, model, args.method, target=args.target,
+                     layer=args.layer, channel=args.channel, region=region, settings=settings,
+                     progress=_stderr_progress("explain", args.quiet))
+    outputs = [map_file(args.output, result.maps, volume.geometry)]
+    regions = uncertain_regions(result.map, volume.geometry.layer_affine_ras)
+    inverse = np.linalg.inv(volume.geometry.affine_ras)
+    for entry in regions:  # the centre as a voxel of the input file, too
+        entry["centre_file_voxel"] = [round(float(v), 2) for v in (inverse @ np.r_[entry["centre_ras_mm"], 1])[:3]]
+    if args.regions:
+        text = json.dumps({"method": args.method, "map": result.names, "model": model.title, "regions": regions},
+                          indent=2)
+        outputs.append((Path(args.regions), lambda tmp: Path(tmp).write_text(text), ".json"))
+    write_files(outputs)
+    _warn(volume.warnings + problems)
+    print(f"wrote {Path(args.output).name} ({', '.join(result.names)}; {model.title}; values "
+          f"{float(result.maps.min()):.3g} to {float(result.maps.max()):.3g})")
+    if args.regions:
+        print(f"wrote {Path(args.regions).name} ({len(regions)} regions)")
+    return 0
+
+
 def _cmd_train(args) -> int:
     from pathlib import Path
 
@@ -365,6 +420,33 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
     predict.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     predict.set_defaults(func=_cmd_predict)
+
+    explain = sub.add_parser("explain", formatter_class=_Formatter,
+                             help="an explanation or uncertainty map, in the scan's geometry",
+                             description="Write a float map in the input's geometry that shows why the model "
+                                         "decided (attention gates, Grad-CAM, a layer's activation) or where it is "
+                                         "unsure (entropy, TTA variance); --regions lists the connected "
+                                         "high-value regions with their centres in patient mm.")
+    _add_input_options(explain)
+    explain.add_argument("--method", required=True, choices=["attention", "gradcam", "entropy", "tta", "activation"],
+                         help="what to map")
+    explain.add_argument("--class", dest="target", default=None, metavar="NAME",
+                         help="Grad-CAM's target class, by name or value (default: the first foreground class)")
+    explain.add_argument("--layer", default=None, metavar="NAME",
+                         help="Grad-CAM or activation layer (default: the last decoder block); for attention, one gate "
+                              "(default: every gate, as a 4D map)")
+    explain.add_argument("--channel", type=int, default=0, metavar="N", help="the activation's channel")
+    explain.add_argument("--region", default=None, metavar="MASK",
+                         help="a mask on the scan's grid restricting Grad-CAM's target (default: the predicted mask)")
+    explain.add_argument("--model", default=None, metavar="NAME|PATH",
+                         help="model name (NAME or NAME@VERSION) or model file; default: brain-t1")
+    explain.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
+    explain.add_argument("-o", "--output", required=True, metavar="MAP.nii.gz", help="the map to write")
+    explain.add_argument("--regions", default=None, metavar="OUT.json",
+                         help="also write the connected high-value regions (volume, centre in mm) as JSON")
+    explain.add_argument("--force", action="store_true", help="explain a scan outside the model's scope")
+    explain.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    explain.set_defaults(func=_cmd_explain)
 
     train = sub.add_parser("train", formatter_class=_Formatter,
                            help="train a model on an MSD / nnU-Net dataset folder",

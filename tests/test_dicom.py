@@ -333,3 +333,34 @@ def test_no_patient_identifier_leaves_the_reader(tmp_path, ct):
 
     write_mask(out / "mask.nii.gz", np.zeros(volume.geometry.layer_shape, np.uint8), volume.geometry)
     assert patient_strings_absent(out) == []
+
+
+def test_the_fast_header_walk_agrees_with_pydicom(tmp_path, ct):
+    """Every allow-listed tag is what pydicom's dictionary says, and both readers give the same
+    header for explicit and implicit VR files."""
+    from pydicom.datadict import dictionary_VR, keyword_for_tag
+
+    from napari_medseg.core.dicom import discovery
+
+    for tag, (keyword, kind) in discovery.FAST_TAGS.items():
+        assert keyword_for_tag(tag) == keyword
+        vr = dictionary_VR(tag)
+        assert kind == {"US": "uint16", "FD": "float", "SQ": "sequence"}.get(vr, "text"), keyword
+    written = write_series(tmp_path / "ct", ct, shape=(16, 16, 3), extra={"EchoNumbers": 2, "EchoTime": 12.5})
+    implicit = tmp_path / "implicit.dcm"
+    ds = pydicom.dcmread(str(written["paths"][1]))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    ds.save_as(str(implicit), implicit_vr=True, little_endian=True)
+    for path in (written["paths"][1], implicit):
+        head = path.read_bytes()[:8192]
+        fast = discovery.fast_values(path, head)
+        assert fast is not None
+        slow = discovery._pydicom_values(path)
+        for keyword in ("SeriesInstanceUID", "Rows", "Columns", "BitsAllocated", "PixelRepresentation",
+                        "RescaleIntercept", "EchoTime"):
+            assert float(fast[keyword]) == float(slow[keyword]) if keyword not in ("SeriesInstanceUID",) \
+                else fast[keyword] == str(slow[keyword])
+        assert [float(v) for v in fast["ImagePositionPatient"]] == [float(v) for v in slow["ImagePositionPatient"]]
+        assert fast["_pixels"] == slow["_pixels"]
+        instance = discovery.read_header(path)
+        assert instance.echo_number == 2 and instance.pixel_offset == slow["_pixels"][0]

@@ -18,7 +18,6 @@ import base64
 from dataclasses import dataclass, field
 
 import numpy as np
-from nibabel import orientations
 
 from .errors import GeometryMismatchError, NotAVolumeError
 
@@ -37,6 +36,14 @@ def axis_rotation(axis: int, degrees: float) -> np.ndarray:
     a, b = [i for i in range(3) if i != axis]
     r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
     return r
+
+
+def _orientations():
+    """nibabel's orientation helpers, imported when first needed (nibabel is slow to import,
+    and listing a DICOM study needs none of it)."""
+    from nibabel import orientations
+
+    return orientations
 
 
 def voxel_spacing(affine: np.ndarray) -> tuple:
@@ -105,19 +112,19 @@ class ScanGeometry:
     def _file_ornt(self) -> np.ndarray:
         if self.source_format == "napari":
             # The grid came from a napari layer: its axes already are the layer axes.
-            return orientations.axcodes2ornt(LAYER_AXCODES)
-        return orientations.io_orientation(self.affine_ras)
+            return _orientations().axcodes2ornt(LAYER_AXCODES)
+        return _orientations().io_orientation(self.affine_ras)
 
     @property
     def to_layer_ornt(self) -> np.ndarray:
-        return orientations.ornt_transform(
-            self._file_ornt, orientations.axcodes2ornt(LAYER_AXCODES)
+        return _orientations().ornt_transform(
+            self._file_ornt, _orientations().axcodes2ornt(LAYER_AXCODES)
         )
 
     @property
     def to_file_ornt(self) -> np.ndarray:
-        return orientations.ornt_transform(
-            orientations.axcodes2ornt(LAYER_AXCODES), self._file_ornt
+        return _orientations().ornt_transform(
+            _orientations().axcodes2ornt(LAYER_AXCODES), self._file_ornt
         )
 
     @property
@@ -134,7 +141,7 @@ class ScanGeometry:
             raise GeometryMismatchError(
                 f"array shape {file_array.shape} does not match the scan grid {self.file_shape}"
             )
-        return orientations.apply_orientation(file_array, self.to_layer_ornt)
+        return _orientations().apply_orientation(file_array, self.to_layer_ornt)
 
     def to_file(self, layer_array: np.ndarray) -> np.ndarray:
         """Layer-order array -> file-order view (no copy)."""
@@ -143,12 +150,12 @@ class ScanGeometry:
                 f"mask shape {tuple(layer_array.shape)} does not match the scan's "
                 f"shape {self.layer_shape}"
             )
-        return orientations.apply_orientation(layer_array, self.to_file_ornt)
+        return _orientations().apply_orientation(layer_array, self.to_file_ornt)
 
     # -- derived geometry ---------------------------------------------------
     @property
     def layer_affine_ras(self) -> np.ndarray:
-        return self.affine_ras @ orientations.inv_ornt_aff(self.to_layer_ornt, self.file_shape)
+        return self.affine_ras @ _orientations().inv_ornt_aff(self.to_layer_ornt, self.file_shape)
 
     @property
     def world_affine(self) -> np.ndarray:
@@ -168,7 +175,7 @@ class ScanGeometry:
     @property
     def orientation_code(self) -> str:
         """RAS+ axis codes of the file axes, e.g. ``'LAS'`` (nibabel's aff2axcodes)."""
-        return "".join(orientations.aff2axcodes(self.affine_ras))
+        return "".join(_orientations().aff2axcodes(self.affine_ras))
 
     @property
     def is_oblique(self) -> bool:

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import nibabel as nib
 import numpy as np
 
 from . import dicom
@@ -155,6 +154,8 @@ def read_volume(
 # -- NIfTI ------------------------------------------------------------------
 
 def _read_nifti(path: Path, volume_index: int | None) -> Volume:
+    import nibabel as nib
+
     try:
         with library_warnings_silenced():
             img = nib.load(str(path))
@@ -394,6 +395,8 @@ def mask_file(path: str | os.PathLike, layer_mask: np.ndarray, geometry: ScanGeo
     file_mask = file_mask.astype(dtype, copy=False)
     suffix = ".nii.gz" if lower.endswith(".nii.gz") else path.suffix
     if lower.endswith(NIFTI_SUFFIXES):
+        import nibabel as nib
+
         return path, lambda tmp: nib.save(_nifti_mask(file_mask, geometry), tmp), suffix
     return path, lambda tmp: _write_itk_mask(file_mask, geometry, tmp), suffix
 
@@ -409,6 +412,8 @@ def write_map(path: str | os.PathLike, layer_maps: np.ndarray, geometry: ScanGeo
 
 def map_file(path: str | os.PathLike, layer_maps: np.ndarray, geometry: ScanGeometry) -> tuple:
     """``(path, write, suffix)`` for :func:`~napari_medseg.core.outputs.write_files`: float maps."""
+    import nibabel as nib
+
     path = Path(path)
     if not str(path).lower().endswith(NIFTI_SUFFIXES):
         raise MedsegError(f"cannot save maps as '{path.name}': use .nii.gz or .nii")
@@ -426,6 +431,8 @@ def map_file(path: str | os.PathLike, layer_maps: np.ndarray, geometry: ScanGeom
 
 
 def _nifti_mask(file_mask: np.ndarray, geometry: ScanGeometry):
+    import nibabel as nib
+
     if geometry.nifti_header is not None:
         header_cls = nib.Nifti2Header if geometry.extra.get("nifti_version") == 2 else nib.Nifti1Header
         image_cls = nib.Nifti2Image if geometry.extra.get("nifti_version") == 2 else nib.Nifti1Image

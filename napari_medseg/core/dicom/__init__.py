@@ -25,7 +25,7 @@ from ..progress import Progress, report
 from .discovery import Instance, looks_like_dicom_file, read_header, scan_folder
 from .geometry import assemble, plan_grid, pixel_position
 from .multiframe import onto_grid, read_multiframe, read_segmentation
-from .pixels import PixelError, common_dtype, read_slice
+from .pixels import PixelError, read_slice
 from .stacks import Series, describe, group_series
 
 __all__ = ["describe_series", "list_series", "looks_like_dicom_file", "pixel_position", "read_file",
@@ -125,31 +125,39 @@ def read_series(folder: str | os.PathLike, *, series=None, volume_index: int | N
 
 
 def _read_stack(instances: list, name: str, warnings: list, progress) -> tuple:
-    """Read the slices (skipping unreadable ones, each with a line), then place them."""
-    slices, readable = [], []
-    for number, instance in enumerate(instances):
+    """Read the slices into one array in their order along the normal (skipping unreadable
+    ones, each with a line), then place them (see :func:`.geometry.plan_grid`)."""
+    plan = plan_grid(instances, name)
+    rows, columns = plan.instances[0].rows, plan.instances[0].columns
+    integral = all(i.slope == 1.0 and float(i.intercept).is_integer() for i in plan.instances)
+    stack = np.empty((len(plan.instances), rows, columns), dtype=np.int16 if integral else np.float32)
+    readable = []
+    for number, instance in enumerate(plan.instances):
         try:
-            slices.append(read_slice(instance))
+            values = read_slice(instance)
+            if values.shape != (rows, columns):
+                raise PixelError(f"it has {values.shape[0]} x {values.shape[1]} pixels, not {rows} x {columns}")
+            if stack.dtype == np.int16 and (values.min() < -32768 or values.max() > 32767
+                                            or not np.issubdtype(values.dtype, np.integer)):
+                stack = stack.astype(np.int32 if np.issubdtype(values.dtype, np.integer) else np.float32)
+            stack[len(readable)] = values
             readable.append(instance)
         except PixelError as exc:
             warnings.append(f"skipped {instance.path.name}: {exc}")
-        if number % 16 == 0:
-            report(progress, 0.3 + 0.6 * number / len(instances), f"reading pixels {number}/{len(instances)}")
+        if number % 32 == 0:
+            report(progress, 0.3 + 0.6 * number / len(plan.instances),
+                   f"reading pixels {number}/{len(plan.instances)}")
     if len(readable) < 2:
         raise UnreadableScanError(f"{name}: fewer than two slices could be read")
-    if len({s.shape for s in slices}) > 1:
-        raise UnreadableScanError(f"{name}: the slices do not share one matrix size")
-    plan = plan_grid(readable, name)
-    order = {id(instance): n for n, instance in enumerate(readable)}
-    slices = [slices[order[id(instance)]] for instance in plan.instances]
-    dtype = common_dtype(slices)
-    fill = float(min(s.min() for s in slices))
-    data = assemble(plan, [s.astype(dtype, copy=False) for s in slices], fill)
-    if not plan.exact and np.issubdtype(dtype, np.integer):
-        data = data.astype(np.float32, copy=False)
+    stack = stack[:len(readable)]
+    if len(readable) < len(plan.instances):
+        plan = plan_grid(readable, name)  # the gaps the unreadable slices leave are placed, and reported
     warnings.extend(plan.warnings)
-    return np.ascontiguousarray(data) if not plan.exact else data, plan.affine_lps, {"exact": plan.exact,
-                                                                                   **plan.info}
+    if plan.exact:
+        data = stack.transpose(2, 1, 0)  # (planes, rows, columns) -> file order (columns, rows, planes)
+    else:
+        data = assemble(plan, list(stack), float(stack.min()))
+    return data, plan.affine_lps, {"exact": plan.exact, **plan.info}
 
 
 def read_file(path: Path, volume_index: int | None = None):

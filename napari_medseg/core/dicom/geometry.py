@@ -165,7 +165,7 @@ def assemble(plan: GridPlan, slices: list, fill: float) -> np.ndarray:
 
     columns, rows, planes = plan.shape
     if plan.exact:
-        return np.stack(slices, axis=-1).transpose(1, 0, 2)
+        return np.stack(slices).transpose(2, 1, 0)
     out = np.empty((planes, rows, columns), dtype=np.float32)
     for plane, picks in enumerate(plan.sources):
         total = np.zeros((rows, columns), dtype=np.float32)

@@ -67,17 +67,6 @@ def read_slice(instance: Instance) -> np.ndarray:
         raise PixelError(f"it could not be read ({exc.strerror or exc})") from None
     if instance.slope == 1.0 and instance.intercept == 0.0:
         return values
+    if instance.slope == 1.0 and float(instance.intercept).is_integer():
+        return values.astype(np.int32) + int(instance.intercept)  # integers stay integers (CT in HU)
     return values.astype(np.float32) * np.float32(instance.slope) + np.float32(instance.intercept)
-
-
-def common_dtype(slices: list) -> np.dtype:
-    """The smallest type that holds every slice's values exactly (integers stay integers)."""
-    if all(np.issubdtype(s.dtype, np.integer) for s in slices):
-        return np.result_type(*[s.dtype for s in slices])
-    if all(np.allclose(s, np.round(s)) for s in slices):
-        low = min(float(s.min()) for s in slices)
-        high = max(float(s.max()) for s in slices)
-        for dtype in (np.int16, np.int32):
-            if np.iinfo(dtype).min <= low and high <= np.iinfo(dtype).max:
-                return np.dtype(dtype)
-    return np.dtype(np.float32)

@@ -111,7 +111,8 @@ def describe(entry: dict) -> str:
 def _position_key(instance: Instance) -> float | None:
     if instance.position is None or instance.orientation is None:
         return None
-    return round(float(np.dot(instance.position, normal_of(instance.orientation))), POSITION_DECIMALS)
+    normal = normal_of(instance.orientation)
+    return round(sum(p * n for p, n in zip(instance.position, normal)), POSITION_DECIMALS)
 
 
 def _pixel_digest(instance: Instance) -> str:
