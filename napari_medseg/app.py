@@ -1,6 +1,6 @@
 """Start napari with the plugin's widgets docked and the sample scan open.
 
-``python -m napari_medseg.app [SCAN] [--screenshot PNG]``
+``python -m napari_medseg.app [SCAN] [--screenshot PNG] [--demo explain]``
 """
 
 from __future__ import annotations
@@ -11,33 +11,67 @@ PLUGIN = "napari-medseg"
 WIDGETS = ("Scan", "Segment", "Explain")
 
 
-def build_viewer(scan: str | None = None):
+def build_viewer(scan: str | None = None, widgets: tuple = WIDGETS):
+    """A viewer with ``widgets`` docked and ``scan`` (or the sample) open; returns (viewer, {name: widget})."""
     import napari
 
     viewer = napari.Viewer(title="napari-medseg")
-    for widget in WIDGETS:
-        viewer.window.add_plugin_dock_widget(PLUGIN, widget)
+    docked = {}
+    for name in widgets:
+        _dock, docked[name] = viewer.window.add_plugin_dock_widget(PLUGIN, name)
     if scan:
         viewer.open(scan, plugin=PLUGIN)
     else:
         viewer.open_sample(PLUGIN, "mni152_t1")
     viewer.dims.axis_labels = ("S-I (z)", "P-A (y)", "L-R (x)")
-    return viewer
+    return viewer, docked
+
+
+def demo_explain(viewer, widgets) -> None:
+    """Segment the scan and show its entropy map with the doubtful regions (for the README)."""
+    import numpy as np
+
+    from ._widgets.explain import run_explain
+    from ._widgets.scan import layer_geometry
+    from ._widgets.segment import run_segmentation
+    from .core.inference import InferenceSettings
+
+    image = viewer.layers[0]
+    geometry = layer_geometry(image)
+    segment, explain = widgets["Segment"], widgets["Explain"]
+    segment._show_result(image, geometry, *run_segmentation(np.asarray(image.data), geometry.layer_affine_ras,
+                                                            segment._model.value, InferenceSettings()))
+    viewer.layers[-1].contour = 1
+    explain._method.value = "entropy"
+    explain._show(image, *run_explain(np.asarray(image.data), geometry.layer_affine_ras, explain._model.value,
+                                      "entropy", InferenceSettings()))
+    explain._order.value = "size"
+    explain._regions.native.selectRow(0)
+    explain.go_to_region(0)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m napari_medseg.app")
     parser.add_argument("scan", nargs="?", help="scan to open instead of the sample")
     parser.add_argument("--screenshot", help="save a screenshot of the whole window and quit")
+    parser.add_argument("--demo", choices=["explain"], help="prepare a demonstration state (for screenshots)")
     args = parser.parse_args(argv)
     import napari
 
-    viewer = build_viewer(args.scan)
+    viewer, widgets = build_viewer(args.scan, ("Segment", "Explain") if args.demo == "explain" else WIDGETS)
+    if args.demo == "explain":
+        demo_explain(viewer, widgets)
     if args.screenshot:
         from qtpy.QtWidgets import QApplication
 
-        viewer.window._qt_window.resize(1400, 900)
-        for _ in range(20):
+        viewer.window._qt_window.resize(1500, 950)
+        for _ in range(30):
+            QApplication.processEvents()
+        from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+        for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+            toast.close()  # start-up notices would cover the canvas
+        for _ in range(10):
             QApplication.processEvents()
         viewer.screenshot(args.screenshot, canvas_only=False)
         viewer.close()

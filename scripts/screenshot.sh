@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Regenerates docs/screenshot.png: napari with the plugin docked, under Xvfb.
+# Regenerates the README screenshots under Xvfb: docs/screenshot.png (the plugin docked
+# with the sample) and docs/explain.png (an entropy map with the doubtful-region list).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python -m napari_medseg.app --screenshot docs/screenshot.png "$@"
-echo "wrote docs/screenshot.png"
+xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python -m napari_medseg.app --demo explain --screenshot docs/explain.png
+echo "wrote docs/screenshot.png and docs/explain.png"

@@ -58,6 +58,7 @@ class ExplainWidget(Container):
         self._legend = Label(value="")
         self._order = ComboBox(label="Order regions by", choices=["size", "mean uncertainty"], value="size")
         self._regions = Table(value={"data": [], "index": [], "columns": list(REGION_COLUMNS)})
+        self._regions.native.setMinimumHeight(180)
         self.extend([self._image, self._model, self._method, self._target, self._layer, self._channel,
                      self._region_kind, self._region_layer, self._part, self._device, self._run, self._cancel,
                      self._opacity, self._legend, self._order, self._regions])
@@ -197,6 +198,7 @@ class ExplainWidget(Container):
         name = f"{image_layer.name} {result.method}"
         colormap = COLORMAPS[result.method]
         kwargs = dict(affine=image_layer.affine.affine_matrix, colormap=colormap, blending="additive",
+                      units=getattr(image_layer, "units", None) or "mm",
                       opacity=float(self._opacity.value), contrast_limits=list(result.contrast_limits),
                       metadata=make_metadata(explanation=result.method, model=model.title, names=result.names,
                                              geometry=medseg_meta(image_layer).get("geometry"), info=result.info))

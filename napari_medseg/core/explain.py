@@ -11,7 +11,9 @@ brings it back onto the scan grid. Methods:
   over a region (the predicted mask, one of its connected parts, or a mask the user
   draws). Per window, the gradient of that target weights the chosen layer's channels
   (default: the last decoder block); the windows' maps are blended, then normalised
-  once, over the whole volume;
+  once, over the whole volume. At a layer followed only by a 1x1 convolution (the
+  attention U-Net's last block), the weights are the head's own, times a constant, so
+  the region does not change the map; pick an earlier block to explain a region;
 * ``entropy``: the predictive entropy of the blended class probabilities (it comes
   with the prediction: one pass);
 * ``tta``: the variance of the foreground probability over mirrored passes;
@@ -70,11 +72,15 @@ def layer_names(network: torch.nn.Module) -> list:
 
 
 def default_layer(network: torch.nn.Module) -> str:
-    """The last decoder block: coarse enough to be semantic, fine enough to localise."""
+    """The last decoder block: semantic, and fine enough to localise. For the attention U-Net
+    the last of ``decoders``; for LinkNet3d ``tp_conv1``, the transposed-convolution block
+    that ends its decoder at full resolution (``conv`` and ``tp_conv2`` after it are the
+    classifier). Measured on the MNI152 head: 82 % of its Grad-CAM mass lies within 5 mm
+    of the predicted brain, against 65 % for ``up3`` (benchmarks/bench_explain.py)."""
     if hasattr(network, "decoders"):
         return f"decoders.{len(network.decoders) - 1}"
-    if hasattr(network, "up3"):
-        return "up3"
+    if hasattr(network, "tp_conv1"):
+        return "tp_conv1"
     raise MedsegError(f"no default Grad-CAM layer for {type(network).__name__}; pass --layer")
 
 
@@ -187,11 +193,21 @@ def _target_index(model, target) -> int:
     raise MedsegError(f"the model has no class '{target}' (its labels: {', '.join(names.values())})")
 
 
+def _weights_fingerprint(network: torch.nn.Module) -> str:
+    """A cheap fingerprint of the weights themselves (a card alone does not identify a network)."""
+    digest = hashlib.sha1()
+    with torch.no_grad():
+        for name, parameter in network.state_dict().items():
+            digest.update(name.encode())
+            digest.update(np.float64(parameter.double().sum()).tobytes())
+    return digest.hexdigest()
+
+
 def _key(layer_array, affine, model, method, options) -> tuple:
     values = np.ascontiguousarray(layer_array)
     digest = hashlib.sha1(values[::3, ::3, ::3].tobytes()).hexdigest()
     return (digest, values.shape, str(values.dtype), tuple(np.round(np.asarray(affine), 4).ravel()),
-            model.card.content_sha256 or id(model), method, tuple(sorted(options.items())))
+            _weights_fingerprint(model.network), method, tuple(sorted(options.items())))
 
 
 def explain(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, method: str, *, target=None,
@@ -289,9 +305,9 @@ def _explain(layer_array, affine, model, method, target, layer, channel, region,
         predictor = GradCamPredictor(model.network, layer, value, **common)
         result = sliding_window(stacked, predictor, patch, settings, labels_from=None, keep=("gradcam",),
                                 progress=span(progress, 0.05, 0.85))
-        cam = result.maps["gradcam"][0]
-        peak = float(cam.max())
-        maps = to_scan(cam / peak if peak > 0 else cam, prepared)  # one normalisation over all windows
+        maps = to_scan(result.maps["gradcam"][0], prepared)
+        peak = float(maps.max())
+        maps = maps / peak if peak > 0 else maps  # one normalisation, over the whole volume
         names, limits = [f"Grad-CAM {model.card.label_names[value]} at {layer}"], (0.0, 1.0)
         info.update(layer=layer, target=model.card.label_names[value], windows=result.info["windows"])
     report(progress, 1.0, "done")
