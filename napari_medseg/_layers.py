@@ -8,6 +8,8 @@ whether a labels layer holds edited work. :func:`medseg_meta` reads it and
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from .core.geometry import ScanGeometry
@@ -30,6 +32,19 @@ def update_medseg_meta(layer, **values) -> dict:
     merged = {**medseg_meta(layer), **values}
     layer.metadata = {**(layer.metadata or {}), METADATA_KEY: merged}
     return merged
+
+
+# The model's original prediction of a result layer, kept beside the layer (not in its
+# metadata, which napari copies) so edits can be counted against it and submitted with it.
+_predictions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def remember_prediction(layer, labels: np.ndarray) -> None:
+    _predictions[layer] = np.array(labels, copy=True)
+
+
+def original_prediction(layer) -> np.ndarray | None:
+    return _predictions.get(layer)
 
 
 def make_metadata(**values) -> dict:
@@ -85,6 +100,36 @@ def labels_layer_data(layer_labels, volume: Volume, name: str, names: dict) -> t
                              label_names={str(k): v for k, v in names.items()})
     return layer_labels, {"name": name, "affine": volume.geometry.world_affine, "units": "mm",
                           "metadata": metadata, "features": label_features(names), "opacity": 0.5}, "labels"
+
+
+def scan_layer_of(viewer, layer):
+    """The image layer a labels layer segments: the one it records, else the one image on its grid."""
+    from napari.layers import Image
+
+    if viewer is None:
+        return None
+    name = medseg_meta(layer).get("segmentation_of")
+    if name and name in viewer.layers and isinstance(viewer.layers[name], Image):
+        return viewer.layers[name]
+    images = [other for other in viewer.layers
+              if isinstance(other, Image) and tuple(other.data.shape) == tuple(layer.data.shape)]
+    return images[0] if images else None
+
+
+def open_sources() -> list[str]:
+    """The files and folders that the layers open in any viewer were read from: never written over."""
+    from napari import Viewer
+
+    sources = []
+    for viewer in list(getattr(Viewer, "_instances", ())):
+        for layer in list(viewer.layers):
+            info = medseg_meta(layer)
+            for key in ("source_path", "scan_source_path"):
+                if info.get(key):
+                    sources.append(info[key])
+            if getattr(layer, "source", None) is not None and getattr(layer.source, "path", None):
+                sources.append(str(layer.source.path))
+    return sources
 
 
 def geometry_of(layer) -> ScanGeometry | None:

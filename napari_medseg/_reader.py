@@ -37,7 +37,15 @@ def read_scan(path):
     if isinstance(path, (list, tuple)):
         path = path[0]
     try:
-        return _read_layers(path)
+        from napari import current_viewer
+
+        from ._autosave import install
+
+        viewer = current_viewer()
+        install(viewer)  # masks opened here are somebody's work: autosave their edits
+        layers = _read_layers(path)
+        _open_layout_if_wanted(viewer)
+        return layers
     except MedsegError as exc:
         show_error(f"napari-medseg: {exc}")
     except MemoryError:
@@ -46,6 +54,18 @@ def read_scan(path):
         log.exception("unexpected error while reading a scan")
         show_error(f"napari-medseg: could not open this scan ({type(exc).__name__}: {exc})")
     return NOTHING_OPENED
+
+
+def _open_layout_if_wanted(viewer) -> None:
+    """The reading layout opens with every scan when the user asked for that (its own setting)."""
+    from ._widgets.reading import layout_of, layout_settings, open_reading_layout
+
+    if viewer is None or getattr(viewer, "window", None) is None or layout_of(viewer) is not None:
+        return
+    if layout_settings().get("open_by_default"):
+        from qtpy.QtCore import QTimer
+
+        QTimer.singleShot(0, lambda: open_reading_layout(viewer))  # after napari adds the layers
 
 
 def _read_layers(path):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 PLUGIN = "napari-medseg"
-WIDGETS = ("Scan", "Segment", "Explain")
+WIDGETS = ("Scan", "Segment", "Explain", "Correct")
 
 
 def build_viewer(scan: str | None = None, widgets: tuple = WIDGETS):
@@ -50,23 +50,58 @@ def demo_explain(viewer, widgets) -> None:
     explain.go_to_region(0)
 
 
+def demo_reading(viewer, widgets, segment: bool) -> None:
+    """Open the reading layout; for the README, with a segmentation and the crosshair on the brain."""
+    import numpy as np
+
+    from ._widgets.reading import open_reading_layout
+
+    image = viewer.layers[0]
+    if segment:
+        from ._widgets.scan import layer_geometry
+        from ._widgets.segment import run_segmentation
+        from .core.inference import InferenceSettings
+
+        geometry = layer_geometry(image)
+        segment_widget = widgets["Segment"]
+        segment_widget._show_result(image, geometry, *run_segmentation(
+            np.asarray(image.data), geometry.layer_affine_ras, segment_widget._model.value, InferenceSettings()))
+        viewer.layers[-1].contour = 1
+        viewer.layers.selection.active = image
+        viewer.window.remove_dock_widget(segment_widget.native.parent())  # room for the views
+    layout = open_reading_layout(viewer)
+    if segment:
+        # the crosshair on the left putamen region, a point every plane cuts through brain
+        layout.set_point(np.asarray(image.data_to_world(np.array(image.data.shape) * [0.55, 0.45, 0.6])))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m napari_medseg.app")
     parser.add_argument("scan", nargs="?", help="scan to open instead of the sample")
     parser.add_argument("--screenshot", help="save a screenshot of the whole window and quit")
-    parser.add_argument("--demo", choices=["explain"], help="prepare a demonstration state (for screenshots)")
+    parser.add_argument("--demo", choices=["explain", "reading"], help="prepare a demonstration state (for screenshots)")
+    parser.add_argument("--layout", action="store_true", help="open the reading layout (axial, coronal, sagittal)")
     args = parser.parse_args(argv)
     import napari
 
-    viewer, widgets = build_viewer(args.scan, ("Segment", "Explain") if args.demo == "explain" else WIDGETS)
+    docked = {"explain": ("Segment", "Explain"), "reading": ("Segment",)}.get(args.demo, WIDGETS)
+    viewer, widgets = build_viewer(args.scan, docked)
     if args.demo == "explain":
         demo_explain(viewer, widgets)
+    if args.layout or args.demo == "reading":
+        demo_reading(viewer, widgets, segment=args.demo == "reading")
     if args.screenshot:
         from qtpy.QtWidgets import QApplication
 
         viewer.window._qt_window.resize(1500, 950)
         for _ in range(30):
             QApplication.processEvents()
+        from ._widgets.reading import layout_of
+
+        if layout_of(viewer) is not None:
+            layout_of(viewer).reset_views()
+            for _ in range(10):
+                QApplication.processEvents()
         from napari._qt.dialogs.qt_notification import NapariQtNotification
 
         for toast in viewer.window._qt_window.findChildren(NapariQtNotification):

@@ -132,10 +132,17 @@ def _model_inputs(spec) -> list:
     return [spec] if spec is not None and Path(str(spec)).exists() else []
 
 
+def _workspace(args, create: bool = True):
+    from .core.workspace import Workspace
+
+    return Workspace(args.workspace, create=create) if getattr(args, "workspace", None) else None
+
+
 def _registry(args):
     from .core.models import ModelRegistry
 
-    return ModelRegistry()
+    workspace = _workspace(args, create=False)
+    return workspace.registry if workspace is not None else ModelRegistry()
 
 
 def _cmd_predict(args) -> int:
@@ -188,7 +195,12 @@ def _cmd_predict(args) -> int:
 
 
 def _load_model(args):
-    return _registry(args).load(args.model)
+    from .core.models import ModelRegistry
+
+    workspace = _workspace(args, create=False)
+    if workspace is not None and args.model is None:
+        return workspace.load_model()  # the workspace's promoted version
+    return ModelRegistry().load(args.model)
 
 
 def _cmd_explain(args) -> int:
@@ -243,6 +255,129 @@ def _cmd_explain(args) -> int:
           f"{float(result.maps.min()):.3g} to {float(result.maps.max()):.3g})")
     if args.regions:
         print(f"wrote {Path(args.regions).name} ({len(regions)} regions)")
+    return 0
+
+
+def _cmd_queue_submit(args) -> int:
+    from pathlib import Path
+
+    from .core.io import read_volume
+
+    import numpy as np
+
+    scan = read_volume(args.image, volume_index=args.volume, series=args.series)
+    masks = {}
+    for option, path in (("LABEL", args.label), ("--prediction", args.prediction)):
+        if path is None:
+            continue
+        mask = read_volume(path)
+        # Both must lie on the scan's grid: the same voxels in patient space, in layer order.
+        if mask.geometry.layer_shape != scan.geometry.layer_shape or \
+                not np.allclose(mask.geometry.world_affine, scan.geometry.world_affine, atol=1e-3):
+            raise MedsegError(f"{option} '{Path(path).name}' is not on the scan's grid (shape "
+                              f"{mask.geometry.file_shape}, the scan's {scan.geometry.file_shape})")
+        values = np.asarray(mask.layer_data())
+        if not np.issubdtype(values.dtype, np.integer):
+            if not np.allclose(values, np.round(values)):
+                raise MedsegError(f"{option} '{Path(path).name}' holds fractions; a label map holds whole numbers")
+            values = np.round(values).astype(np.int16)
+        masks[option] = values
+    workspace = _workspace(args)
+    item = workspace.submit(scan.layer_data(), scan.geometry, masks["LABEL"], masks.get("--prediction"),
+                            model=args.model_version or "", reviewer=args.reviewer, note=args.note, split=args.split)
+    print(f"queued {item.id[:12]} ({item.split}, {item.edited_voxels} edited voxels) in "
+          f"workspace '{workspace.folder.name}'")
+    return 0
+
+
+def _cmd_queue_list(args) -> int:
+    workspace = _workspace(args, create=False)
+    items = workspace.items()
+    if args.json:
+        print(json.dumps([item.summary() for item in items], indent=2))
+        return 0
+    if not items:
+        print("the queue is empty")
+        return 0
+    print(f"{'id':<14} {'created':<26} {'status':<9} {'split':<11} {'edited':>8}  reviewer / note")
+    for item in items:
+        print(f"{item.id[:12]:<14} {item.created:<26} {item.status:<9} {item.split:<11} {item.edited_voxels:>8}  "
+              f"{item.reviewer}{' / ' + item.note if item.note else ''}")
+    return 0
+
+
+def _cmd_queue_reject(args) -> int:
+    workspace = _workspace(args, create=False)
+    items = [workspace.item(item_id) for item_id in args.items]
+    workspace.set_status([item.id for item in items], "queued" if args.restore else "rejected")
+    print(f"{len(items)} item(s) {'back in the queue' if args.restore else 'rejected: never trained on'}")
+    return 0
+
+
+def _cmd_recover(args) -> int:
+    from .core import autosave
+    from .core.io import write_mask
+    from .core.outputs import check_outputs
+
+    root = autosave.root_of(args.workspace)
+    if args.list:
+        sessions = autosave.list_sessions(root)
+        if args.json:
+            print(json.dumps([session.to_dict() for session in sessions], indent=2))
+            return 0
+        if not sessions:
+            print("no autosaved edits to recover")
+            return 0
+        print(f"{'id':<26} {'last autosave':<26} {'state':<10} {'edited':>8}  scan")
+        for session in sessions:
+            scan = session.scan
+            state = "in use" if session.owner_alive else session.state
+            print(f"{session.id:<26} {session.updated:<26} {state:<10} {session.edited_voxels:>8}  "
+                  f"{scan.get('sha256', '?')[:12]} {'x'.join(map(str, session.shape))} voxels, "
+                  f"{' x '.join(f'{s:g}' for s in scan.get('spacing_mm', []))} mm")
+        return 0
+    if not args.id or not args.output:
+        raise MedsegError("give an autosave ID and -o MASK (or --list to see them)")
+    outputs = check_outputs({"-o": args.output})
+    session = autosave.find_session(root, args.id)
+    mask, meta = autosave.load_session(session.folder)
+    geometry = autosave.session_geometry(meta)
+    if geometry is None:
+        raise MedsegError(f"autosave '{session.id}' did not record its scan's geometry")
+    write_mask(outputs["-o"], mask, geometry)
+    print(f"wrote {outputs['-o'].name}: the autosave of {session.updated} ({session.edited_voxels} edited voxels)")
+    return 0
+
+
+def _cmd_finetune(args) -> int:
+    from .core.finetune import fine_tune
+
+    workspace = _workspace(args, create=False)
+    progress = _json_progress() if args.progress == "json" else _stderr_progress("finetune", args.quiet)
+    result = fine_tune(workspace, steps=args.steps, device=args.device, tolerance=args.tolerance,
+                       replay=args.replay, learning_rate=args.lr, batch_size=args.batch_size,
+                       patch_size=tuple(args.patch_size) if args.patch_size else None, seed=args.seed,
+                       base=args.base, progress=progress, log=None if args.quiet else _say)
+    if not result.version:  # a helper process under torchrun
+        return 0
+    if args.progress == "json":
+        print(json.dumps({"result": result.summary()}), flush=True)
+    else:
+        print(f"{result.version}: {'promoted' if result.promoted else 'kept out'}; {result.reason}")
+    return 0
+
+
+def _json_progress():
+    def report(fraction: float, message: str) -> None:
+        print(json.dumps({"progress": round(float(fraction), 4), "message": scrub(message)}), flush=True)
+
+    return report
+
+
+def _cmd_models_rollback(args) -> int:
+    workspace = _workspace(args, create=False)
+    workspace.rollback(args.to)
+    print(f"workspace '{workspace.folder.name}' now uses {workspace.model_name} {args.to}")
     return 0
 
 
@@ -311,6 +446,19 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_models_list(args) -> int:
+    workspace = _workspace(args, create=False)
+    if workspace is not None:
+        versions = workspace.versions()
+        if args.json:
+            print(json.dumps(versions, indent=2))
+            return 0
+        print(f"workspace '{workspace.folder.name}', model {workspace.model_name or '(none yet)'}")
+        for v in versions:
+            dice = v["metrics"].get("validation_dice_after", v["metrics"].get("validation_dice_before"))
+            print(f"  {v['version']:<5}{'*' if v['current'] else ' '} {v['status']:<9} {v['created']}  "
+                  f"{'validation Dice ' + format(dice, '.4f') if dice is not None else ''}  {v['reason']}")
+        print("* = the version predictions use")
+        return 0
     entries = _registry(args).entries()
     if args.json:
         print(json.dumps([e.summary() for e in entries], indent=2))
@@ -414,12 +562,80 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--tta", action="store_true", help="test-time augmentation by mirroring (4x time)")
     predict.add_argument("--probabilities", default=None, metavar="OUT.nii.gz",
                          help="also write per-class probabilities (4D float, classes last)")
+    predict.add_argument("--workspace", default=None, metavar="W",
+                         help="use this workspace's promoted model version (unless --model names another)")
     predict.add_argument("--force", action="store_true",
                          help="segment a scan that the model card says is out of scope (another modality "
                               "or body part)")
     predict.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
     predict.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     predict.set_defaults(func=_cmd_predict)
+
+    queue = sub.add_parser("queue", formatter_class=_Formatter, help="submit corrections to a workspace, list them")
+    queue_sub = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
+    submit = queue_sub.add_parser("submit", formatter_class=_Formatter,
+                                  help="store a corrected label (and its scan, de-identified) in the queue")
+    submit.add_argument("image", metavar="IMAGE", help="the scan: any format the readers take, a DICOM folder too")
+    submit.add_argument("label", metavar="LABEL", help="the corrected label on the scan's grid")
+    submit.add_argument("--workspace", required=True, metavar="W", help="workspace folder (created if missing)")
+    submit.add_argument("--prediction", default=None, metavar="P", help="the model's original prediction")
+    submit.add_argument("--reviewer", default="", metavar="NAME", help="who corrected it")
+    submit.add_argument("--note", default="", metavar="TEXT", help="a free-text note")
+    submit.add_argument("--split", default="auto", choices=["auto", "train", "validation"],
+                        help="validation items are never trained on; auto puts every fifth item there")
+    submit.add_argument("--model-version", default=None, metavar="NAME",
+                        help="the model whose prediction was corrected (recorded)")
+    submit.add_argument("--volume", type=int, default=None, help="for 4D scans: which volume")
+    submit.add_argument("--series", default=None, help="for folders with several DICOM series: which one")
+    submit.set_defaults(func=_cmd_queue_submit)
+    queue_list = queue_sub.add_parser("list", formatter_class=_Formatter, help="list the queued corrections")
+    queue_list.add_argument("--workspace", required=True, metavar="W", help="workspace folder")
+    queue_list.add_argument("--json", action="store_true", help="machine-readable output")
+    queue_list.set_defaults(func=_cmd_queue_list)
+    reject = queue_sub.add_parser("reject", formatter_class=_Formatter,
+                                  help="keep items out of fine-tuning (a correction that should not teach)")
+    reject.add_argument("items", nargs="+", metavar="ID", help="item ids (a unique start is enough)")
+    reject.add_argument("--workspace", required=True, metavar="W", help="workspace folder")
+    reject.add_argument("--restore", action="store_true", help="put rejected items back in the queue")
+    reject.set_defaults(func=_cmd_queue_reject)
+
+    finetune = sub.add_parser("finetune", formatter_class=_Formatter,
+                              help="learn a new model version from the queued corrections",
+                              description="Fine-tune the workspace's current model on its queued corrections (plus "
+                                          "a replay of earlier ones). The new version is promoted only if its Dice "
+                                          "on the workspace's validation items does not fall by more than the "
+                                          "tolerance. Runs under torchrun too (PyTorch DDP, gloo on the CPU, NCCL "
+                                          "on GPUs).")
+    finetune.add_argument("--workspace", required=True, metavar="W", help="workspace folder")
+    finetune.add_argument("--steps", type=int, default=50, help="training steps")
+    finetune.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
+    finetune.add_argument("--tolerance", type=float, default=0.01,
+                          help="the largest drop of validation Dice that still promotes the new version")
+    finetune.add_argument("--replay", type=int, default=4, help="earlier accepted corrections replayed")
+    finetune.add_argument("--lr", type=float, default=1e-5, help="learning rate (Adam)")
+    finetune.add_argument("--batch-size", type=int, default=1, help="crops per step (over all processes)")
+    finetune.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                          help="training crop (default: the card's patch, at most 128 a side)")
+    finetune.add_argument("--seed", type=int, default=0, help="random seed")
+    finetune.add_argument("--base", default=None, metavar="NAME|PATH",
+                          help="the model a new workspace starts from (default: brain-t1)")
+    finetune.add_argument("--progress", choices=["text", "json"], default="text",
+                          help="json: one JSON line per progress report on stdout (for the widget)")
+    finetune.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    finetune.set_defaults(func=_cmd_finetune)
+
+    recover = sub.add_parser(
+        "recover", formatter_class=_Formatter, help="list or restore masks autosaved by the viewer",
+        description="Masks edited in the viewer are autosaved to the workspace within 2 s of each change. "
+                    "After napari ends without a clean close, list them and write one back as a mask in its "
+                    "scan's geometry.")
+    recover.add_argument("id", nargs="?", metavar="ID", help="the autosave to restore (its id, or the start of it)")
+    recover.add_argument("-o", "--output", metavar="MASK", help="where to write the restored mask (.nii.gz, .nrrd, ...)")
+    recover.add_argument("--list", action="store_true", help="list the autosaves")
+    recover.add_argument("--json", action="store_true", help="with --list: JSON")
+    recover.add_argument("--workspace", metavar="W", default=None,
+                         help="workspace folder (default: the one the viewer uses)")
+    recover.set_defaults(func=_cmd_recover)
 
     explain = sub.add_parser("explain", formatter_class=_Formatter,
                              help="an explanation or uncertainty map, in the scan's geometry",
@@ -491,7 +707,13 @@ def build_parser() -> argparse.ArgumentParser:
     listing = models_sub.add_parser("list", formatter_class=_Formatter,
                                     help="list the available models and versions")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.add_argument("--workspace", default=None, metavar="W", help="list a workspace's versions instead")
     listing.set_defaults(func=_cmd_models_list)
+    rollback = models_sub.add_parser("rollback", formatter_class=_Formatter,
+                                     help="make an earlier version of a workspace's model the one in use")
+    rollback.add_argument("--workspace", required=True, metavar="W", help="workspace folder")
+    rollback.add_argument("--to", required=True, metavar="vN", help="the version to use")
+    rollback.set_defaults(func=_cmd_models_rollback)
     show = models_sub.add_parser("show", formatter_class=_Formatter,
                                  help="print a model's card (pipeline, provenance, metrics) as JSON")
     show.add_argument("model", metavar="NAME|PATH", help="model name, NAME@VERSION or model file")
@@ -545,7 +767,16 @@ def main(argv: list[str] | None = None) -> int:
         _say("napari-medseg: error: not enough memory for this volume")
     except OSError as exc:
         _say(f"napari-medseg: error: {exc.strerror or exc}")
+    finally:
+        _leave_process_group()
     return EXIT_USER_ERROR
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group cleanly (gloo aborts a process that does not)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,38 @@ NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _own_home(tmp_path_factory, monkeypatch):
+    """Each test gets its own napari-medseg home (models, workspace, autosaves), never the user's."""
+    if "NAPARI_MEDSEG_HOME" not in os.environ:
+        monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path_factory.mktemp("home")))
+
+
+def answer_question(qtbot, answer: str, timeout: int = 10000):
+    """Click ``answer`` on the next question box napari-medseg shows, as a user would."""
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication, QMessageBox
+
+    import time
+
+    asked = []
+    deadline = time.monotonic() + timeout / 1000
+
+    def click():
+        box = QApplication.activeModalWidget()
+        if isinstance(box, QMessageBox):
+            for button in box.buttons():
+                if button.text() == answer:
+                    asked.append(box.text())
+                    button.click()
+                    return
+        if time.monotonic() < deadline:
+            QTimer.singleShot(50, click)
+
+    QTimer.singleShot(50, click)
+    return asked
+
+
 def make_affine(linear: np.ndarray, spacing, origin) -> np.ndarray:
     affine = np.eye(4)
     affine[:3, :3] = np.asarray(linear) @ np.diag(spacing)
@@ -166,3 +198,41 @@ def head_copy(kind: str):
     labels = resample_from_to(nib.Nifti1Image(shifted_mask.get_fdata(), shifted_mask.affine), (shape, affine), order=1)
     return (nib.Nifti1Image(image.get_fdata().astype(np.float32), affine),
             nib.Nifti1Image((labels.get_fdata() > 0.5).astype(np.uint8), affine))
+
+
+def sphere_case(seed: int, shape=(32, 32, 32), spacing=2.0):
+    """A noisy image of a bright sphere and its label: (image float32, label uint8, affine)."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape)
+    centre = rng.uniform(12, 20, 3)
+    radius = rng.uniform(5, 8)
+    label = (np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0)) < radius).astype(np.uint8)
+    image = (rng.normal(100, 12, shape) + 180 * label).astype(np.float32)
+    return image, label, np.diag([spacing, spacing, spacing, 1.0])
+
+
+@pytest.fixture(scope="session")
+def sphere_model(tmp_path_factory):
+    """A small attention U-Net trained on spheres (real training, a few seconds), saved as a model file."""
+    import torch
+
+    from napari_medseg.core.geometry import voxel_spacing
+    from napari_medseg.core.models import save_model
+    from napari_medseg.core.network import AttentionUNet3D
+    from napari_medseg.core.training import Augmentation, ScanCase, TrainingConfig, grid_case, train
+
+    torch.manual_seed(0)
+    network = AttentionUNet3D(1, 2, (4, 8, 16))
+    card = make_card(name="spheres", version="1.0.0", channels=(4, 8, 16), patch=(16, 16, 16),
+                     roi={"kind": "none"})
+    cases = []
+    for seed in range(4):
+        image, label, affine = sphere_case(seed)
+        cases.append(grid_case(ScanCase(f"s{seed}", image, label, affine), card))
+    config = TrainingConfig(steps=60, batch_size=2, patch_size=(16, 16, 16), learning_rate=1e-2, device="cpu",
+                            augmentation=Augmentation(max_rotation_deg=5, max_shift_mm=6))
+    train(network, card, cases, config)
+    path = tmp_path_factory.mktemp("models") / "spheres.safetensors"
+    save_model(path, network, card, half_precision=False)
+    assert voxel_spacing(np.eye(4)) == (1.0, 1.0, 1.0)
+    return path

@@ -38,6 +38,9 @@ class ExplainWidget(Container):
     def __init__(self, napari_viewer):
         super().__init__()
         self.viewer = napari_viewer
+        from .._autosave import install
+
+        install(napari_viewer)  # edits in this viewer are autosaved
         self.task: BackgroundTask | None = None
         self.registry = ModelRegistry()
         self.regions: list = []

@@ -36,6 +36,9 @@ class ScanWidget(Container):
     def __init__(self, napari_viewer):
         super().__init__()
         self.viewer = napari_viewer
+        from .._autosave import install
+
+        install(napari_viewer)  # edits in this viewer are autosaved
         self.task: BackgroundTask | None = None
         # Set when the last open needs a choice: a 4D file or a multi-series folder.
         self.needs_volume = False

@@ -18,7 +18,7 @@ from magicgui.widgets import (
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_info, show_warning
 
-from .._layers import make_metadata, medseg_meta
+from .._layers import make_metadata, medseg_meta, remember_prediction
 from .._worker import BackgroundTask
 from ..core.defaults import DEFAULT_OVERLAP, DEVICES
 from ..core.domain import scan_problems
@@ -45,6 +45,9 @@ class SegmentWidget(Container):
     def __init__(self, napari_viewer):
         super().__init__()
         self.viewer = napari_viewer
+        from .._autosave import install
+
+        install(napari_viewer)  # edits in this viewer are autosaved
         self.task: BackgroundTask | None = None
         self.registry = ModelRegistry()
         self.last_layer = None
@@ -176,21 +179,35 @@ class SegmentWidget(Container):
                                  model_sha256=model.card.content_sha256,
                                  label_names={str(k): v for k, v in names.items()},
                                  segmentation_of=image_layer.name,
-                                 source_path=medseg_meta(image_layer).get("source_path"),
+                                 scan_source_path=medseg_meta(image_layer).get("source_path"),
                                  run={k: v for k, v in result.info.items() if k != "warnings"},
                                  warnings=list(result.warnings))
+        from .._autosave import install, is_edited
+
+        manager = install(self.viewer)
+        if name in self.viewer.layers and is_edited(self.viewer.layers[name]):
+            # Somebody's corrections are in that layer: the new result never replaces them.
+            base, number = name, 2
+            while f"{base} ({number})" in self.viewer.layers:
+                number += 1
+            name = f"{base} ({number})"
+            show_info(f"napari-medseg: '{base}' holds edits, so the new result went into a new layer, '{name}'")
         if name in self.viewer.layers:
-            # Re-running replaces the previous result rather than stacking layers.
+            # Re-running replaces an unedited previous result rather than stacking layers.
             existing = self.viewer.layers[name]
+            manager.forget(existing)
             existing.data = result.labels
             existing.features = features
             existing.colormap = colormap
             existing.metadata = metadata
             layer = existing
+            remember_prediction(layer, result.labels)
+            manager.track(layer)
         else:
             layer = self.viewer.add_labels(result.labels, name=name, affine=image_layer.affine.affine_matrix,
                                            features=features, colormap=colormap, metadata=metadata,
                                            opacity=0.5, units=getattr(image_layer, "units", None) or "mm")
+        remember_prediction(layer, result.labels)
         rows = [[row["value"], row["name"], round(row["ml"], 2), row["voxels"], row.get("warning", "ok")]
                 for row in result.volumes()]
         # magicgui reads a dict with "index" as rows; without it, as columns.

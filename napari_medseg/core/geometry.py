@@ -152,6 +152,14 @@ class ScanGeometry:
             )
         return _orientations().apply_orientation(layer_array, self.to_file_ornt)
 
+    def layer_to_file_index(self, layer_index) -> tuple:
+        """The file's voxel index ``(i, j, k)`` of a layer voxel index (what other viewers show)."""
+        index = [0, 0, 0]
+        for file_axis, (layer_axis, flip) in enumerate(self.to_layer_ornt.astype(int)):
+            value = int(layer_index[layer_axis])
+            index[file_axis] = self.file_shape[file_axis] - 1 - value if flip < 0 else value
+        return tuple(index)
+
     # -- derived geometry ---------------------------------------------------
     @property
     def layer_affine_ras(self) -> np.ndarray:

@@ -401,6 +401,22 @@ def mask_file(path: str | os.PathLike, layer_mask: np.ndarray, geometry: ScanGeo
     return path, lambda tmp: _write_itk_mask(file_mask, geometry, tmp), suffix
 
 
+def scan_file(path: str | os.PathLike, layer_scan: np.ndarray, geometry: ScanGeometry) -> tuple:
+    """``(path, write, suffix)`` for :func:`~napari_medseg.core.outputs.write_files`: a scan's voxels
+    (their own type) in a fresh NIfTI header on ``geometry``'s grid."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not str(path).lower().endswith(NIFTI_SUFFIXES):
+        raise MedsegError(f"cannot save a scan as '{path.name}': use .nii.gz or .nii")
+    data = np.ascontiguousarray(geometry.to_file(np.asarray(layer_scan)))
+    img = nib.Nifti1Image(data, geometry.affine_ras)
+    img.set_qform(geometry.affine_ras, code="scanner")
+    img.set_sform(geometry.affine_ras, code="scanner")
+    suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
+    return path, lambda tmp: nib.save(img, tmp), suffix
+
+
 def write_map(path: str | os.PathLike, layer_maps: np.ndarray, geometry: ScanGeometry) -> Path:
     """Write float maps ``(C, D, H, W)`` or ``(D, H, W)`` in layer order as NIfTI in the scan's grid.
 

@@ -217,6 +217,8 @@ class GridCase:
     weight: torch.Tensor         # (D, H, W) float32 loss weight per voxel
     tissue: torch.Tensor         # (D, H, W) uint8 tissue classes, for synthesis
     statistics: dict = field(default_factory=dict)
+    centre: np.ndarray | None = None                                      # the labelled structure's centre
+    changed_voxels: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=np.int32))
 
 
 def _tissue_classes(image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -247,8 +249,11 @@ def grid_case(case: ScanCase, card: ModelCard, roi_network=None, changed_weight:
     weight = torch.ones(prepared.model_shape, dtype=torch.float32)
     if case.changed is not None and changed_weight > 0:
         weight += changed_weight * onto_grid_nearest(case.changed.astype(np.uint8), prepared)
+    foreground = torch.nonzero(label > 0).float()
+    changed = torch.nonzero(weight > 1).numpy().astype(np.int32)
     return GridCase(case.name, prepared.tensor, label, weight, _tissue_classes(prepared.tensor, label),
-                    prepared.info.get("statistics", {}))
+                    prepared.info.get("statistics", {}),
+                    foreground.mean(0).numpy() if len(foreground) else None, changed)
 
 
 # -- augmentation -----------------------------------------------------------------------------
@@ -303,11 +308,16 @@ def random_crop(case: GridCase, patch: tuple, spacing_mm: tuple, lr_axis: int, r
     """A randomly rotated, scaled, mirrored and shifted patch of a grid case.
 
     Returns image (trilinear), label, weight and tissue (nearest), each ``patch``-shaped.
-    The patch centre lies near the labelled structure, within ``max_shift_mm``.
+    The patch centre lies near the labelled structure, within ``max_shift_mm``; for a
+    corrected case, half the patches are centred on a voxel the reviewer changed, so the
+    network sees its mistakes even where they lie far from the structure (a neck).
     """
     shape = np.array(case.image.shape, dtype=float)
-    foreground = torch.nonzero(case.label[::2, ::2, ::2] > 0).float().numpy() * 2
-    centre = foreground.mean(axis=0) if len(foreground) else (shape - 1) / 2
+    changed = case.changed_voxels
+    if len(changed) and rng.random() < 0.5:
+        centre = changed[int(rng.integers(len(changed)))].astype(float)
+    else:
+        centre = case.centre if case.centre is not None else (shape - 1) / 2
     centre = centre + rng.uniform(-aug.max_shift_mm, aug.max_shift_mm, 3) / np.asarray(spacing_mm)
     half = (np.asarray(patch) - 1) / 2
     centre = np.clip(centre, np.minimum(half, (shape - 1) / 2), np.maximum(shape - 1 - half, (shape - 1) / 2))
@@ -335,7 +345,8 @@ def random_crop(case: GridCase, patch: tuple, spacing_mm: tuple, lr_axis: int, r
 
 def augment_intensity(image: torch.Tensor, tissue: torch.Tensor, card: ModelCard, rng: np.random.Generator,
                       generator: torch.Generator, aug: Augmentation) -> torch.Tensor:
-    """Random contrast, bias, blur and noise on a normalised patch; the result is normalised again."""
+    """Random contrast, bias, blur and noise on a normalised patch. A synthetic-contrast
+    patch is normalised as inference would; a real one keeps its own scale."""
     if rng.random() < aug.synthesis_probability:
         n = int(tissue.max()) + 1
         means = torch.from_numpy(rng.uniform(0, 1, n)).float()
@@ -344,21 +355,27 @@ def augment_intensity(image: torch.Tensor, tissue: torch.Tensor, card: ModelCard
         noise = torch.randn(image.shape, generator=generator)
         raw = means[tissue.long()] + stds[tissue.long()] * noise
         raw = _blur(raw, float(rng.uniform(0.3, 1.2)))
-    else:
-        low, high = float(image.min()), float(image.max())
-        raw = ((image - low) / max(high - low, 1e-6)).clamp(0, 1)
-        raw = raw ** float(np.exp(rng.normal(0, aug.gamma_std)))
-        if rng.random() < aug.blur_probability:
-            raw = _blur(raw, float(rng.uniform(0.3, 1.0)))
+        raw = _bias_and_noise(raw, rng, generator, aug).clamp(min=0)
+        if card.pipeline.normalisation.kind == "ct":
+            return raw * 2 - 1
+        return normalise(raw, card.pipeline.normalisation, intensity_statistics(raw.numpy(),
+                                                                                card.pipeline.normalisation))
+    # A real image is already normalised the way inference normalises it (statistics from
+    # its region): the changes are made on its own scale, which is then kept.
+    low, high = float(image.min()), float(image.max())
+    raw = ((image - low) / max(high - low, 1e-6)).clamp(0, 1)
+    raw = raw ** float(np.exp(rng.normal(0, aug.gamma_std)))
+    if rng.random() < aug.blur_probability:
+        raw = _blur(raw, float(rng.uniform(0.3, 1.0)))
+    raw = _bias_and_noise(raw, rng, generator, aug).clamp(0, 1.5)
+    return raw * (high - low) + low
+
+
+def _bias_and_noise(raw: torch.Tensor, rng: np.random.Generator, generator: torch.Generator,
+                    aug: Augmentation) -> torch.Tensor:
     if rng.random() < 0.8:
         raw = raw * torch.exp(aug.bias_strength * float(rng.uniform(0, 1)) * _smooth_field(tuple(raw.shape), generator))
-    raw = raw + float(rng.uniform(0, aug.noise_max)) * torch.randn(raw.shape, generator=generator)
-    raw = raw.clamp(min=0)
-    stats = intensity_statistics(raw.numpy(), card.pipeline.normalisation) \
-        if card.pipeline.normalisation.kind != "ct" else {"low": 0.0, "high": 1.0}
-    if card.pipeline.normalisation.kind == "ct":
-        return raw * 2 - 1
-    return normalise(raw, card.pipeline.normalisation, stats)
+    return raw + float(rng.uniform(0, aug.noise_max)) * torch.randn(raw.shape, generator=generator)
 
 
 # -- the loop ------------------------------------------------------------------------------------

@@ -1,0 +1,411 @@
+"""The workspace: a folder that holds the correction queue and the model versions learned from it.
+
+Layout::
+
+    WORKSPACE/
+        index.sqlite                 SQLite in WAL mode: items, versions, settings
+        items/<id>/scan.nii.gz       de-identified scan (voxels and geometry only)
+        items/<id>/label.nii.gz      the reviewer's corrected label
+        items/<id>/prediction.nii.gz the model's original prediction
+        models/<name>/vN.safetensors model versions (kept for rollback), CURRENT names the one in use
+
+**Durability.** An item's files are written into a staging folder (temporary files,
+fsync, rename), hashed, and only then, inside one SQLite write transaction, the folder
+is renamed into place and the row inserted. A process killed at any point leaves either
+a complete item in the index, or nothing in it: a staging folder of a dead process, or a
+renamed folder whose row was never committed, is removed the next time the workspace is
+opened, under the same write lock, so a live writer is never disturbed. Several
+processes (two napari windows, a script) can submit at once: SQLite serialises the
+short commit, and each item has its own random id.
+
+**Privacy.** A scan enters the workspace as voxels and geometry only, written into a
+fresh NIfTI header: no DICOM attribute, no source header, no file name. The reviewer's
+name is stored because the user typed it; nothing else names a person.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MedsegError
+from .geometry import ScanGeometry
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    id TEXT PRIMARY KEY,
+    created TEXT NOT NULL,
+    status TEXT NOT NULL,                 -- queued, used, rejected
+    split TEXT NOT NULL,                  -- train or validation (validation is never trained on)
+    reviewer TEXT NOT NULL DEFAULT '',
+    note TEXT NOT NULL DEFAULT '',
+    model TEXT NOT NULL DEFAULT '',       -- the model version whose prediction was corrected
+    edited_voxels INTEGER NOT NULL DEFAULT 0,
+    label_names TEXT NOT NULL DEFAULT '{}',
+    files TEXT NOT NULL,                  -- {"scan": sha256, "label": sha256, "prediction": sha256}
+    used_by TEXT NOT NULL DEFAULT '',     -- the version that first learned from it
+    origin TEXT NOT NULL DEFAULT ''       -- e.g. the worklist case it came from
+);
+CREATE TABLE IF NOT EXISTS versions (
+    version TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    created TEXT NOT NULL,
+    parent TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL,                 -- promoted, rejected, base
+    reason TEXT NOT NULL DEFAULT '',
+    metrics TEXT NOT NULL DEFAULT '{}',
+    lineage TEXT NOT NULL DEFAULT '[]',   -- the items it was trained on
+    sha256 TEXT NOT NULL DEFAULT ''
+);
+"""
+FILES = ("scan", "label", "prediction")
+VALIDATION_EVERY = 5   # with split "auto", every fifth item joins the frozen validation set
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def deidentified_geometry(geometry: ScanGeometry) -> ScanGeometry:
+    """The same voxel grid, with nothing kept from the source file's header."""
+    return ScanGeometry(affine_ras=geometry.affine_ras, file_shape=geometry.file_shape, source_format="nifti")
+
+
+@dataclass
+class Item:
+    id: str
+    created: str
+    status: str
+    split: str
+    reviewer: str
+    note: str
+    model: str
+    edited_voxels: int
+    label_names: dict
+    files: dict
+    used_by: str
+    origin: str
+
+    def summary(self) -> dict:
+        return {key: getattr(self, key) for key in ("id", "created", "status", "split", "reviewer", "note", "model",
+                                                    "edited_voxels", "used_by", "origin")}
+
+
+class Workspace:
+    """A workspace folder (created on first use)."""
+
+    def __init__(self, folder: str | os.PathLike, create: bool = True):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            if not create:
+                raise MedsegError(f"workspace '{self.folder.name}' does not exist")
+            if not self.folder.parent.is_dir():
+                raise MedsegError(f"cannot create workspace '{self.folder.name}': its folder "
+                                  f"'{self.folder.parent.name}' does not exist")
+            try:
+                self.folder.mkdir()
+            except OSError as exc:
+                raise MedsegError(f"cannot create workspace '{self.folder.name}': {exc.strerror or exc}") from None
+        self.items_dir = self.folder / "items"
+        try:
+            self.items_dir.mkdir(exist_ok=True)
+            self._db = sqlite3.connect(str(self.folder / "index.sqlite"), timeout=60, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=60000")
+            self._db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise MedsegError(f"cannot open workspace '{self.folder.name}': {exc}") from None
+        self._clean_up()
+
+    @classmethod
+    def default(cls) -> "Workspace":
+        """The workspace the viewer uses when the user never chose one."""
+        from .models import user_home
+
+        home = user_home()
+        home.mkdir(parents=True, exist_ok=True)
+        return cls(home / "workspace")
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- transactions ---------------------------------------------------------------------
+    def _write(self):
+        """A write transaction: BEGIN IMMEDIATE takes SQLite's write lock at once."""
+        workspace = self
+
+        class _Transaction:
+            def __enter__(self):
+                workspace._db.execute("BEGIN IMMEDIATE")
+                return workspace._db
+
+            def __exit__(self, kind, value, traceback):
+                workspace._db.execute("COMMIT" if kind is None else "ROLLBACK")
+                return False
+
+        return _Transaction()
+
+    def _clean_up(self) -> None:
+        """Remove what a killed writer left: staging folders of dead processes, and item
+        folders whose row was never committed (checked under the write lock)."""
+        for entry in self.items_dir.iterdir():
+            if entry.name.startswith(".staging-"):
+                pid = entry.name.split("-")[1]
+                if pid.isdigit() and not _alive(int(pid)):
+                    shutil.rmtree(entry, ignore_errors=True)
+        with self._write() as db:
+            known = {row[0] for row in db.execute("SELECT id FROM items")}
+            for entry in self.items_dir.iterdir():
+                if not entry.name.startswith(".") and entry.name not in known:
+                    shutil.rmtree(entry, ignore_errors=True)
+
+    # -- settings ----------------------------------------------------------------------------
+    def setting(self, key: str, default=None):
+        row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_setting(self, key: str, value) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    # -- the queue ------------------------------------------------------------------------------
+    def submit(self, scan: np.ndarray, geometry: ScanGeometry, label: np.ndarray, prediction: np.ndarray | None = None,
+               *, model: str = "", reviewer: str = "", note: str = "", split: str = "auto",
+               label_names: dict | None = None, origin: str = "") -> Item:
+        """Store a correction durably (see the module docstring); all arrays in layer order."""
+        from .editing import edited_voxels
+        from .io import mask_file, scan_file
+        from .outputs import write_files
+
+        if split not in ("auto", "train", "validation"):
+            raise MedsegError(f"split must be auto, train or validation, not {split!r}")
+        label = np.asarray(label)
+        if label.shape != geometry.layer_shape or np.shape(scan) != geometry.layer_shape:
+            raise MedsegError(f"the label has shape {label.shape}, but the scan {geometry.layer_shape}")
+        if prediction is not None and np.shape(prediction) != label.shape:
+            raise MedsegError(f"the prediction has shape {np.shape(prediction)}, the label {label.shape}")
+        clean = deidentified_geometry(geometry)
+        item_id = uuid.uuid4().hex
+        staging = self.items_dir / f".staging-{os.getpid()}-{item_id}"
+        try:
+            staging.mkdir()
+        except OSError as exc:
+            raise MedsegError(f"could not store the correction in workspace '{self.folder.name}': "
+                              f"{exc.strerror or exc}; it is still open, try again") from None
+        try:
+            parts = [scan_file(staging / "scan.nii.gz", scan, clean), mask_file(staging / "label.nii.gz", label, clean)]
+            if prediction is not None:
+                parts.append(mask_file(staging / "prediction.nii.gz", prediction, clean))
+            write_files(parts)
+            hashes = {name: _sha256(staging / f"{name}.nii.gz") for name in FILES
+                      if (staging / f"{name}.nii.gz").exists()}
+            _fsync_dir(staging)
+        except MedsegError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise MedsegError(f"could not store the correction in workspace '{self.folder.name}' ({exc}); "
+                              "it is still open, try again") from None
+        changed = edited_voxels(prediction, label) if prediction is not None else 0
+        try:
+            with self._write() as db:
+                if split == "auto":
+                    count = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+                    split = "validation" if count % VALIDATION_EVERY == VALIDATION_EVERY - 1 else "train"
+                os.rename(staging, self.items_dir / item_id)
+                _fsync_dir(self.items_dir)
+                db.execute("INSERT INTO items (id, created, status, split, reviewer, note, model, edited_voxels, "
+                           "label_names, files, origin) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (item_id, _now(), split, reviewer, note, model, changed,
+                            json.dumps({str(k): v for k, v in (label_names or {}).items()}), json.dumps(hashes),
+                            origin))
+        except (OSError, sqlite3.Error) as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise MedsegError(f"could not store the correction in workspace '{self.folder.name}': "
+                              f"{getattr(exc, 'strerror', None) or exc}; it is still open, try again") from None
+        return self.item(item_id)
+
+    def _row_to_item(self, row) -> Item:
+        keys = ("id", "created", "status", "split", "reviewer", "note", "model", "edited_voxels", "label_names",
+                "files", "used_by", "origin")
+        data = dict(zip(keys, row))
+        data["label_names"] = json.loads(data["label_names"])
+        data["files"] = json.loads(data["files"])
+        return Item(**data)
+
+    def items(self, status: str | None = None, split: str | None = None) -> list:
+        query = ("SELECT id, created, status, split, reviewer, note, model, edited_voxels, label_names, files, "
+                 "used_by, origin FROM items")
+        clauses, values = [], []
+        if status:
+            clauses.append("status = ?")
+            values.append(status)
+        if split:
+            clauses.append("split = ?")
+            values.append(split)
+        if clauses:
+            query += " WHERE " + " AND ".join(clauses)
+        # Submission order (SQLite rowid): the same in every copy of a workspace, so training is reproducible.
+        return [self._row_to_item(row) for row in self._db.execute(query + " ORDER BY rowid", values)]
+
+    def item(self, item_id: str) -> Item:
+        found = [i for i in self.items() if i.id == item_id or i.id.startswith(item_id)]
+        if len(found) != 1:
+            raise MedsegError(f"workspace '{self.folder.name}' has no item '{item_id}'" if not found else
+                              f"'{item_id}' names several items; give more of the id")
+        return found[0]
+
+    def item_path(self, item: Item, name: str) -> Path:
+        return self.items_dir / item.id / f"{name}.nii.gz"
+
+    def load_item(self, item: Item) -> dict:
+        """The item's scan (a Volume) and its label and prediction (layer order, on the scan's grid)."""
+        from .io import read_volume
+
+        scan = read_volume(self.item_path(item, "scan"))
+        out = {"scan": scan}
+        for name in ("label", "prediction"):
+            path = self.item_path(item, name)
+            if path.exists():
+                out[name] = np.asarray(scan.geometry.to_layer(read_volume(path).data))
+        return out
+
+    def set_status(self, ids: list, status: str, used_by: str = "") -> None:
+        if status not in ("queued", "used", "rejected"):
+            raise MedsegError(f"status must be queued, used or rejected, not {status!r}")
+        with self._write() as db:
+            for item_id in ids:
+                db.execute("UPDATE items SET status = ?, used_by = CASE WHEN used_by = '' THEN ? ELSE used_by END "
+                           "WHERE id = ?", (status, used_by, item_id))
+
+    def verify(self) -> list:
+        """Problems between the index and the files (an empty list when they agree)."""
+        problems = []
+        known = set()
+        for item in self.items():
+            known.add(item.id)
+            for name, expected in item.files.items():
+                path = self.item_path(item, name)
+                if not path.exists():
+                    problems.append(f"item {item.id}: {name} is missing")
+                elif _sha256(path) != expected:
+                    problems.append(f"item {item.id}: {name} does not match its hash")
+        for entry in self.items_dir.iterdir():
+            if not entry.name.startswith(".") and entry.name not in known:
+                problems.append(f"folder {entry.name} is not in the index")
+        return problems
+
+    # -- model versions ---------------------------------------------------------------------------
+    @property
+    def registry(self):
+        from .models import BUNDLED_DIR, ModelRegistry
+
+        return ModelRegistry(home=self.folder, bundled_dir=BUNDLED_DIR.parent / "no-bundled-models")
+
+    @property
+    def model_name(self) -> str | None:
+        return self.setting("model_name")
+
+    def ensure_model(self, base: str | None = None) -> str:
+        """Make the workspace's first version, v1, a copy of ``base`` (default: brain-t1)."""
+        if self.model_name:
+            return self.model_name
+        from .models import ModelRegistry, networks_from_state, read_model_file
+
+        path = ModelRegistry().resolve(base)
+        state, card = read_model_file(path)
+        network, roi_network = networks_from_state(state, card, path.name)
+        first = card.replace(version="v1", provenance={**card.provenance, "workspace_base": card.title})
+        self.registry.add_version(network, first, make_current=True, roi_network=roi_network)
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES ('model_name', ?)", (json.dumps(card.name),))
+            db.execute("INSERT OR REPLACE INTO versions (version, model, created, status, reason, sha256) "
+                       "VALUES ('v1', ?, ?, 'base', ?, ?)",
+                       (card.name, _now(), f"a copy of {card.title}", card.content_sha256 or ""))
+        return card.name
+
+    def current_version(self) -> str | None:
+        name = self.model_name
+        if not name:
+            return None
+        return next((e.version for e in self.registry.entries() if e.name == name and e.current), None)
+
+    def load_model(self, for_training: bool = False):
+        if not self.model_name:
+            raise MedsegError(f"workspace '{self.folder.name}' has no model yet; submit a correction or run "
+                              "'napari-medseg finetune' first")
+        return self.registry.load(self.model_name, for_training=for_training)
+
+    def versions(self) -> list:
+        rows = self._db.execute("SELECT version, model, created, parent, status, reason, metrics, lineage, sha256 "
+                                "FROM versions").fetchall()
+        current = self.current_version()
+        from .models import version_key
+
+        out = [{"version": r[0], "model": r[1], "created": r[2], "parent": r[3], "status": r[4], "reason": r[5],
+                "metrics": json.loads(r[6]), "lineage": json.loads(r[7]), "sha256": r[8],
+                "current": r[0] == current} for r in rows]
+        return sorted(out, key=lambda v: version_key(v["version"]))
+
+    def next_version(self) -> str:
+        numbers = [int(v["version"][1:]) for v in self.versions() if v["version"][1:].isdigit()]
+        return f"v{max(numbers, default=0) + 1}"
+
+    def record_version(self, version: str, parent: str, status: str, reason: str, metrics: dict, lineage: list,
+                       sha256: str = "") -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO versions (version, model, created, parent, status, reason, metrics, "
+                       "lineage, sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (version, self.model_name, _now(), parent, status, reason, json.dumps(metrics),
+                        json.dumps(lineage), sha256))
+
+    def rollback(self, version: str) -> None:
+        """Make an earlier (kept) version the one in use."""
+        known = {v["version"]: v for v in self.versions()}
+        if version not in known:
+            raise MedsegError(f"workspace '{self.folder.name}' has no version '{version}' "
+                              f"(it has: {', '.join(known) or 'none'})")
+        if known[version]["status"] == "rejected":
+            raise MedsegError(f"version {version} was rejected by the regression check and was not kept")
+        self.registry.set_current(self.model_name, version)
