@@ -42,6 +42,7 @@ import numpy as np
 
 from .errors import MedsegError
 from .geometry import ScanGeometry
+from .outputs import fsync_path
 
 AUTOSAVE_FOLDER = "autosave"
 JOURNAL_LIMIT = 16 << 20         # bytes of journal before a new snapshot replaces it
@@ -99,20 +100,6 @@ def scan_identity(scan: np.ndarray | None, geometry: ScanGeometry | None, pause:
     return identity
 
 
-def _fsync(path: Path, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_atomically(path: Path, chunks: list) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -125,7 +112,7 @@ def _write_atomically(path: Path, chunks: list) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync(path.parent, directory=True)
+    fsync_path(path.parent, directory=True)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -228,7 +215,7 @@ class AutosaveSession:
         generation = self.generation + 1
         _write_atomically(self.folder / f"snapshot-{generation}.bin", [SNAPSHOT_MAGIC, header, body])
         journal = open(self.folder / f"journal-{generation}.log", "ab")
-        _fsync(self.folder, directory=True)
+        fsync_path(self.folder, directory=True)
         if self.journal is not None:
             self.journal.close()
         self.journal, self.journal_bytes = journal, 0

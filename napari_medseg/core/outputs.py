@@ -85,7 +85,8 @@ def _probe_writable(folder: Path, option: str, name: str) -> None:
     os.unlink(probe)
 
 
-def _fsync_path(path: str, directory: bool = False) -> None:
+def fsync_path(path, directory: bool = False) -> None:
+    """Flush a file (or, with ``directory``, a folder's entries) to disk; errors are ignored."""
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
     try:
         fd = os.open(path, flags)
@@ -134,7 +135,7 @@ def write_files(items: Sequence[tuple], *, error: type = MedsegError) -> list:
             try:
                 write(tmp)
                 os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files
-                _fsync_path(tmp)
+                fsync_path(tmp)
             except OSError as exc:
                 raise error(f"could not write {label}: {exc.strerror or exc}; no file was changed") from None
         _commit(staged, error)
@@ -176,7 +177,7 @@ def _commit(staged: list, error: type) -> None:
                 _remove_quietly(path)
         raise error(f"could not write {label}: {exc.strerror or exc}; no file was changed") from None
     for folder in {str(path.parent) for path, _tmp, _label in staged}:
-        _fsync_path(folder, directory=True)
+        fsync_path(folder, directory=True)
     for _path, backup in done:
         if backup is not None:
             _remove_quietly(backup)

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MedsegError
+from .outputs import fsync_path
 from .geometry import ScanGeometry
 
 SCHEMA = """
@@ -82,19 +83,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _alive(pid: int) -> bool:
@@ -242,7 +230,7 @@ class Workspace:
             write_files(parts)
             hashes = {name: _sha256(staging / f"{name}.nii.gz") for name in FILES
                       if (staging / f"{name}.nii.gz").exists()}
-            _fsync_dir(staging)
+            fsync_path(staging, directory=True)
         except MedsegError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise MedsegError(f"could not store the correction in workspace '{self.folder.name}' ({exc}); "
@@ -254,7 +242,7 @@ class Workspace:
                     count = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
                     split = "validation" if count % VALIDATION_EVERY == VALIDATION_EVERY - 1 else "train"
                 os.rename(staging, self.items_dir / item_id)
-                _fsync_dir(self.items_dir)
+                fsync_path(self.items_dir, directory=True)
                 db.execute("INSERT INTO items (id, created, status, split, reviewer, note, model, edited_voxels, "
                            "label_names, files, origin) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
                            (item_id, _now(), split, reviewer, note, model, changed,
