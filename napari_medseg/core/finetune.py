@@ -115,7 +115,29 @@ def fine_tune(workspace: Workspace, steps: int = 50, device: str = "auto", toler
         report(progress, 0.1, f"validation Dice of {parent}: {before['mean_dice']:.4f}")
     summary = train(network, card, cases, config, progress=span(progress, 0.1, 0.75), log=log)
     if rank != 0:
+        _wait_for_the_writer(world)
         return FineTuneResult("", False, "not the writing process", {}, [], time.perf_counter() - started)
+    try:
+        return _validate_and_record(workspace, network, card, model, validation_cases, before, queued, replayed,
+                                    parent, summary, tolerance, progress, started)
+    finally:
+        _wait_for_the_writer(world)
+
+
+def _wait_for_the_writer(world: int) -> None:
+    """Every process leaves together, once rank 0 has written: a process that left the
+    group while rank 0 still validated made gloo abort the run."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _validate_and_record(workspace, network, card, model, validation_cases, before, queued, replayed, parent,
+                         summary, tolerance, progress, started) -> FineTuneResult:
+    from .models import Model
+    from .training import evaluate
+
     report(progress, 0.85, "validating the new version")
     candidate = Model(network.eval(), card, None, model.roi_network)
     after = evaluate(candidate, validation_cases)
