@@ -113,6 +113,7 @@ def write_dicom_series(folder: Path, data_kji: np.ndarray, origin, spacing, dire
         tags = {
             "0010|0010": patient_name,
             "0010|0020": "PID-12345",
+            "0010|0030": "19610203",
             "0008|0060": modality,
             "0020|000e": series_uid,
             "0020|000d": "1.2.826.0.1.3680043.2.1125.99",

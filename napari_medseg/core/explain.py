@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .errors import MedsegError
 from .geometry import RAS_TO_LPS, voxel_spacing
-from .inference import TTA_FLIPS, InferenceSettings, NetworkPredictor, sliding_window
+from .inference import TTA_FLIPS, InferenceSettings, NetworkPredictor, normalised_entropy, sliding_window
 from .pipeline import onto_grid_nearest, prepare, to_scan
 from .progress import Progress, report, span
 
@@ -256,10 +256,7 @@ def _explain(layer_array, affine, model, method, target, layer, channel, region,
         result = sliding_window(prepared.tensor, predictor, patch, settings, labels_from=None, keep=keep,
                                 progress=span(progress, 0.05, 0.85))
         if method == "entropy":
-            scores = result.maps[output]
-            p = torch.softmax(scores, 0) if output == "logits" else scores.clamp(min=0)
-            p = p / p.sum(0, keepdim=True).clamp(min=1e-12)
-            grid_map = -(p * torch.log(p.clamp(min=1e-12))).sum(0) / math.log(p.shape[0])
+            grid_map = normalised_entropy(result.maps[output], output)
             names, limits = ["entropy"], (0.0, 1.0)
         else:
             grid_map = result.maps["tta_variance"][0]

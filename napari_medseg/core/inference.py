@@ -395,6 +395,7 @@ class Segmentation:
     spacing: tuple
     info: dict = field(default_factory=dict)
     expected_ml: dict = field(default_factory=dict)    # label value -> (low, high) plausible mL
+    uncertainty: np.ndarray | None = None    # normalised entropy (0..1), layer order, if asked for
 
     @property
     def warnings(self) -> list:
@@ -426,6 +427,13 @@ def label_volumes(labels: np.ndarray, spacing: tuple, names: dict | None = None,
                               f"expected for {row['name']}")
         rows.append(row)
     return rows
+
+
+def normalised_entropy(scores: torch.Tensor, output: str) -> torch.Tensor:
+    """Per-voxel entropy of class scores ``(C, ...)``, divided by log C: 0 certain, 1 undecided."""
+    p = torch.softmax(scores, 0) if output == "logits" else scores.clamp(min=0)
+    p = p / p.sum(0, keepdim=True).clamp(min=1e-12)
+    return -(p * torch.log(p.clamp(min=1e-12))).sum(0) / math.log(max(p.shape[0], 2))
 
 
 def predictor_for(model, settings: InferenceSettings, variance: bool = False) -> NetworkPredictor:
@@ -468,12 +476,13 @@ def postprocess(labels: np.ndarray, image, steps: tuple) -> np.ndarray:
 
 def segment(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, settings: InferenceSettings | None = None,
             want_probabilities: bool = False, apply_postprocessing: bool = True,
-            progress: Progress | None = None) -> Segmentation:
+            progress: Progress | None = None, want_uncertainty: bool = False) -> Segmentation:
     """Segment a layer-order scan with a loaded :class:`~napari_medseg.core.models.Model`.
 
     Steps: the card's pipeline onto the network grid (5 %), sliding window (85 %), back
     onto the scan grid and the declared post-processing (10 %). The result shares the
     scan's grid; implausible results carry warnings (see :mod:`.domain`).
+    ``want_uncertainty`` adds the normalised entropy map from the same pass.
     """
     from .domain import result_warnings
 
@@ -488,11 +497,13 @@ def segment(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, settin
     smooth = prepared.resampled and score_bytes <= KEEP_SCORES_BYTES
     result = sliding_window(prepared.tensor, predictor_for(model, settings), card.pipeline.patch_size, settings,
                             labels_from=output, threshold=card.pipeline.threshold,
-                            keep=(output,) if (smooth or want_probabilities) else (),
+                            keep=(output,) if (smooth or want_probabilities or want_uncertainty) else (),
                             progress=span(progress, 0.05, 0.85))
     report(progress, 0.9, "mapping the result onto the scan grid")
     scores = result.maps.pop(output, None)
-    probabilities = None
+    probabilities = uncertainty = None
+    if want_uncertainty:
+        uncertainty = to_scan(normalised_entropy(scores, output), prepared)
     if scores is not None and output == "logits":
         scores = torch.softmax(scores, 0)
     if smooth:
@@ -512,7 +523,8 @@ def segment(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, settin
                 first_stage_seconds=prepared.info.get("first_stage_seconds", 0.0))
     segmentation = Segmentation(labels, probabilities, card.label_names, card.label_colors,
                                 layer_spacing(layer_affine_ras), info,
-                                {label.value: label.expected_ml for label in card.labels if label.expected_ml})
+                                {label.value: label.expected_ml for label in card.labels if label.expected_ml},
+                                uncertainty)
     rows = segmentation.volumes()
     segmentation.info["volumes"] = rows
     segmentation.warnings.extend(result_warnings(segmentation, raw_labels, layer_array, card, rows))

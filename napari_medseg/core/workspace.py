@@ -57,6 +57,25 @@ CREATE TABLE IF NOT EXISTS items (
     used_by TEXT NOT NULL DEFAULT '',     -- the version that first learned from it
     origin TEXT NOT NULL DEFAULT ''       -- e.g. the worklist case it came from
 );
+CREATE TABLE IF NOT EXISTS cases (          -- the review worklist (see worklist.py)
+    id TEXT PRIMARY KEY,
+    added TEXT NOT NULL,
+    name TEXT NOT NULL,
+    source TEXT NOT NULL,                 -- the scan file or DICOM folder, as the user gave it
+    series TEXT NOT NULL DEFAULT '',      -- DICOM series UID
+    volume INTEGER NOT NULL DEFAULT -1,   -- which volume of a multi-volume file or series
+    date TEXT NOT NULL DEFAULT '',        -- the scan file's modification date
+    status TEXT NOT NULL,                 -- new, predicted, in review, accepted, corrected, skipped, failed
+    reason TEXT NOT NULL DEFAULT '',      -- why it was skipped or failed (one line)
+    model TEXT NOT NULL DEFAULT '',       -- the model version that predicted it
+    score REAL,                           -- uncertainty score (higher: more doubtful)
+    volumes TEXT NOT NULL DEFAULT '[]',   -- label volumes in mL
+    reviewer TEXT NOT NULL DEFAULT '',
+    item TEXT NOT NULL DEFAULT '',        -- the queue item of a submitted correction
+    files TEXT NOT NULL DEFAULT '{}',     -- {"mask": sha256, "uncertainty": sha256, "reviewed": sha256}
+    updated TEXT NOT NULL DEFAULT '',
+    UNIQUE (source, series, volume)
+);
 CREATE TABLE IF NOT EXISTS versions (
     version TEXT PRIMARY KEY,
     model TEXT NOT NULL,
@@ -161,6 +180,13 @@ class Workspace:
         self._db.close()
 
     # -- transactions ---------------------------------------------------------------------
+    def query(self, sql: str, values=()) -> list:
+        return self._db.execute(sql, values).fetchall()
+
+    def write(self):
+        """A write transaction (a context manager giving the connection)."""
+        return self._write()
+
     def _write(self):
         """A write transaction: BEGIN IMMEDIATE takes SQLite's write lock at once."""
         workspace = self
