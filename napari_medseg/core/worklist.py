@@ -383,8 +383,7 @@ class Worklist:
         from .outputs import write_files
 
         clean = deidentified_geometry(result.geometry)
-        staging = self.folder / f".staging-{os.getpid()}-{case.id}"
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = self.folder / f".staging-{os.getpid()}-{case.id}-{uuid.uuid4().hex[:8]}"
         try:
             staging.mkdir()
             write_files([mask_file(staging / "mask.nii.gz", result.labels, clean),
