@@ -273,32 +273,35 @@ class ReviewWidget(Container):
         return True
 
     def _show(self, loaded: LoadedCase) -> None:
-        from napari.utils.colormaps import DirectLabelColormap
-
         from .._autosave import mark_clean
-        from ..core.training import default_color
 
-        self._clear_layers()
         case, volume = loaded.case, loaded.volume
-        data, kwargs, _ = volume_to_layer_data(volume, name=case.name, source_path=case.source)
-        scan = self.viewer.add_image(data, **kwargs)
-        names = {int(row["value"]): row["name"] for row in case.volumes}
-        colors = {value: default_color(value) for value in sorted({0, *names})}
-        colors[None] = (0, 0, 0, 0)
         geometry = volume.geometry
-        uncertainty = self.viewer.add_image(loaded.uncertainty, name=f"{case.name} uncertainty",
-                                            affine=geometry.world_affine, colormap="inferno", blending="additive",
-                                            opacity=0.6, contrast_limits=(0.0, 1.0), units="mm",
-                                            metadata=make_metadata(geometry=geometry.to_dict(), kind="uncertainty"))
-        labels = self.viewer.add_labels(
-            loaded.labels.copy(), name=f"{case.name} {case.model}".strip(), affine=geometry.world_affine, opacity=0.5,
-            units="mm", colormap=DirectLabelColormap(color_dict=colors),
-            features={"index": sorted({0, *names}), "name": [names.get(v, "background") for v in sorted({0, *names})]},
-            metadata=make_metadata(geometry=geometry.to_dict(), model=case.model, segmentation_of=scan.name,
-                                   label_names={str(k): v for k, v in names.items()}, worklist_case=case.id))
+        data, kwargs, _ = volume_to_layer_data(volume, name=case.name, source_path=case.source)
+        names = {int(row["value"]): row["name"] for row in case.volumes}
+        values = sorted({0, *names})
+        label_kwargs = {
+            "name": f"{case.name} {case.model}".strip(), "affine": geometry.world_affine,
+            "colormap": _label_colormap(values),
+            "features": {"index": values, "name": [names.get(v, "background") for v in values]},
+            "metadata": make_metadata(geometry=geometry.to_dict(), model=case.model, segmentation_of=case.name,
+                                      label_names={str(k): v for k, v in names.items()}, worklist_case=case.id)}
+        map_kwargs = {"name": f"{case.name} uncertainty", "affine": geometry.world_affine,
+                      "metadata": make_metadata(geometry=geometry.to_dict(), kind="uncertainty")}
+        if self.layers and all(layer in self.viewer.layers for layer in self.layers.values()):
+            # The case's layers take the new case's data: removing and adding layers costs
+            # napari a garbage collection each, which Next cannot afford.
+            self._replace_data(data, kwargs, loaded, label_kwargs, map_kwargs)
+        else:
+            self._clear_layers()
+            scan = self.viewer.add_image(data, **kwargs)
+            uncertainty = self.viewer.add_image(loaded.uncertainty, colormap="inferno", blending="additive",
+                                                opacity=0.6, contrast_limits=(0.0, 1.0), units="mm", **map_kwargs)
+            labels = self.viewer.add_labels(loaded.labels.copy(), opacity=0.5, units="mm", **label_kwargs)
+            self.layers = {"scan": scan, "labels": labels, "uncertainty": uncertainty}
+        labels = self.layers["labels"]
         remember_prediction(labels, loaded.labels)  # unsaved edits: anything changed since this was shown
         mark_clean(labels, "saved")
-        self.layers = {"scan": scan, "labels": labels, "uncertainty": uncertainty}
         self.viewer.layers.selection.active = labels
         self.current = loaded
         if case.status == "predicted":
@@ -308,6 +311,25 @@ class ReviewWidget(Container):
         self._status.value = (f"{case.name}: {case.status}, uncertainty "
                               f"{'-' if case.score is None else f'{case.score:.4f}'}; {case.volume_text()}")
         self._start_prefetch()
+
+    def _replace_data(self, data, kwargs, loaded: LoadedCase, label_kwargs: dict, map_kwargs: dict) -> None:
+        scan, labels, uncertainty = self.layers["scan"], self.layers["labels"], self.layers["uncertainty"]
+        reframe = tuple(scan.data.shape) != tuple(data.shape) or not np.allclose(scan.affine.affine_matrix,
+                                                                                  kwargs["affine"])
+        if self._autosave is not None:
+            self._autosave.forget(labels)  # settled before; the next case is tracked anew
+        for layer, values, layer_kwargs in ((scan, data, kwargs), (uncertainty, loaded.uncertainty, map_kwargs),
+                                            (labels, loaded.labels.copy(), label_kwargs)):
+            layer.data = values
+            for key in ("affine", "name", "metadata", "colormap", "features", "contrast_limits"):
+                if key in layer_kwargs and not (key == "colormap" and layer is scan):
+                    setattr(layer, key, layer_kwargs[key])
+        labels._reset_history()  # undo must never reach into the previous case
+        remember_prediction(labels, loaded.labels)
+        if self._autosave is not None:
+            self._autosave.track(labels)
+        if reframe:
+            self.viewer.reset_view()
 
     def _clear_layers(self) -> None:
         manager = self._autosave
@@ -448,6 +470,16 @@ class ReviewWidget(Container):
             show_info("napari-medseg: that was the last case of the worklist")
             return True
         return self.open_case(target)
+
+
+def _label_colormap(values: list):
+    from napari.utils.colormaps import DirectLabelColormap
+
+    from ..core.training import default_color
+
+    colors = {value: default_color(value) for value in values}
+    colors[None] = (0, 0, 0, 0)
+    return DirectLabelColormap(color_dict=colors)
 
 
 def _run_in_folder(folder: str, progress=None):
