@@ -212,6 +212,15 @@ def sphere_case(seed: int, shape=(32, 32, 32), spacing=2.0):
     return image, label, np.diag([spacing, spacing, spacing, 1.0])
 
 
+def write_sphere_scans(folder: Path, count: int, first_seed: int = 0) -> Path:
+    """``count`` sphere scans as ``case00.nii.gz``, ... in ``folder`` (six distinct ones, repeating)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(count):
+        image, _, affine = sphere_case((first_seed + n) % 6)
+        write_nifti(folder / f"case{n:02d}.nii.gz", image, affine)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def sphere_model(tmp_path_factory):
     """A small attention U-Net trained on spheres (real training, a few seconds), saved as a model file."""

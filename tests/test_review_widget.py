@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import answer_question, sphere_case, write_nifti
+from conftest import answer_question, write_sphere_scans
 from napari_medseg._widgets.review import ReviewWidget
 from napari_medseg.core.worklist import Worklist, run_worklist
 from napari_medseg.core.workspace import Workspace
@@ -14,11 +14,7 @@ from napari_medseg.core.workspace import Workspace
 @pytest.fixture
 def worklist_folder(tmp_path, sphere_model):
     """A workspace with the sphere model and four cases: three predicted, one still new."""
-    scans = tmp_path / "scans"
-    scans.mkdir()
-    for seed in range(4):
-        image, _, affine = sphere_case(seed)
-        write_nifti(scans / f"case{seed}.nii.gz", image, affine)
+    scans = write_sphere_scans(tmp_path / "scans", 4)
     workspace = Workspace(tmp_path / "ws")
     workspace.ensure_model(str(sphere_model))
     worklist = Worklist(workspace)

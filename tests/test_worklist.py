@@ -18,7 +18,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import sphere_case, write_dicom_series, write_nifti
+from conftest import sphere_case, write_dicom_series, write_nifti, write_sphere_scans
 from napari_medseg.core.io import read_volume
 from napari_medseg.core.worklist import Worklist, boundary_uncertainty, export_worklist, run_worklist
 from napari_medseg.core.workspace import Workspace
@@ -175,11 +175,7 @@ def test_a_killed_run_loses_nothing_and_predicts_nothing_twice(tmp_path, sphere_
     scans = tmp_path / "scans"
 
     def add_batch(number: int) -> None:
-        folder = scans / f"batch{number}"
-        folder.mkdir(parents=True)
-        for n in range(10):
-            image, _, affine = sphere_case(n % 6)
-            write_nifti(folder / f"case{n:02d}.nii.gz", image, affine)
+        folder = write_sphere_scans(scans / f"batch{number}", 10)
         assert cli("worklist", "add", folder, "--workspace", tmp_path / "ws").returncode == 0
 
     command = [sys.executable, "-m", "napari_medseg.cli", "worklist", "run", "--workspace", str(tmp_path / "ws"),
@@ -223,11 +219,7 @@ def _free_port() -> int:
 
 
 def test_two_torchrun_processes_give_the_results_of_one(tmp_path, sphere_model):
-    scans = tmp_path / "scans"
-    scans.mkdir()
-    for n in range(5):
-        image, _, affine = sphere_case(n)
-        write_nifti(scans / f"case{n}.nii.gz", image, affine)
+    scans = write_sphere_scans(tmp_path / "scans", 5)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for name in ("one", "two"):
         assert cli("worklist", "add", scans, "--workspace", tmp_path / name).returncode == 0

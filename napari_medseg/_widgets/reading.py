@@ -31,8 +31,9 @@ from napari.components import ViewerModel
 from napari.components.overlays import TextOverlay
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info
-from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QSplitter, QVBoxLayout, QWidget
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QHBoxLayout, QLabel, QMainWindow, QSplitter,
+                            QVBoxLayout, QWidget)
 
 from .._layers import geometry_of, medseg_meta
 from ..core.windowing import CT_PRESETS, MR_AUTO, PRESET_NAMES, preset_limits
@@ -155,6 +156,8 @@ class _View:
         self.crosshair = None
         self.copies: dict = {}   # id(main layer) -> copy layer in this model
 
+
+DOCK_SHARE = 0.3   # of the window's width, for the coronal and sagittal views
 
 class ReadingLayout(QWidget):
     """Axial (the main canvas), coronal and sagittal views, linked, with orientation letters."""
@@ -427,8 +430,16 @@ class ReadingLayout(QWidget):
         try:
             step = self.viewer.dims.current_step
             for view in self._extra_views():
-                if view.model.dims.ndim == len(step) and view.model.dims.current_step != step:
-                    view.model.dims.current_step = step
+                dims = view.model.dims
+                if dims.ndim != len(step):
+                    continue
+                # Only the axes a view slices through: a step along an axis it shows moves
+                # its crosshair and nothing else, and re-slicing it would upload new textures.
+                wanted = list(dims.current_step)
+                for axis in dims.not_displayed:
+                    wanted[axis] = step[axis]
+                if tuple(wanted) != tuple(dims.current_step):
+                    dims.current_step = tuple(wanted)
         finally:
             self._syncing = False
         self._update_crosshairs()
@@ -436,9 +447,14 @@ class ReadingLayout(QWidget):
     def _extra_dims_changed(self, view: _View) -> None:
         if self._syncing:
             return
-        step = view.model.dims.current_step
-        if self.viewer.dims.ndim == len(step) and self.viewer.dims.current_step != step:
-            self.viewer.dims.current_step = step  # the main handler passes it on
+        dims = view.model.dims
+        step = list(self.viewer.dims.current_step)
+        if len(step) != dims.ndim:
+            return
+        for axis in dims.not_displayed:  # the axes this view slices through (its own paging)
+            step[axis] = dims.current_step[axis]
+        if tuple(step) != tuple(self.viewer.dims.current_step):
+            self.viewer.dims.current_step = tuple(step)  # the main handler passes it on
 
     def point(self) -> np.ndarray:
         """The crosshair: the shared dims point, in world (S, P, L) mm."""
@@ -581,6 +597,22 @@ class ReadingLayout(QWidget):
         self.set_window(image, high - low, (high + low) / 2)
         show_info(f"napari-medseg: window preset {name}")
         return name
+
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        super().showEvent(event)
+        if not getattr(self, "_dock_fitted", False):
+            self._dock_fitted = True
+            QTimer.singleShot(0, self.fit_dock)
+
+    def fit_dock(self) -> None:
+        """Give the dock about a third of the window, so the axial view stays the large one
+        (and the two side views, redrawn on every slice step, stay cheap to draw)."""
+        dock = self.parent()
+        while dock is not None and not isinstance(dock, QDockWidget):
+            dock = dock.parent()
+        window = dock.parent() if dock is not None else None
+        if isinstance(window, QMainWindow):
+            window.resizeDocks([dock], [max(360, int(window.width() * DOCK_SHARE))], Qt.Orientation.Horizontal)
 
     def close_views(self) -> None:
         """Close the extra views with the viewer (their canvases must not outlive it)."""

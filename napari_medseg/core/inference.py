@@ -431,7 +431,10 @@ def label_volumes(labels: np.ndarray, spacing: tuple, names: dict | None = None,
 
 def normalised_entropy(scores: torch.Tensor, output: str) -> torch.Tensor:
     """Per-voxel entropy of class scores ``(C, ...)``, divided by log C: 0 certain, 1 undecided."""
-    p = torch.softmax(scores, 0) if output == "logits" else scores.clamp(min=0)
+    if output == "logits":  # from log-softmax: three passes over the maps instead of seven
+        log_p = torch.log_softmax(scores.float(), 0)
+        return (log_p.exp() * log_p).sum(0).mul_(-1.0 / math.log(max(scores.shape[0], 2)))
+    p = scores.clamp(min=0)
     p = p / p.sum(0, keepdim=True).clamp(min=1e-12)
     return -(p * torch.log(p.clamp(min=1e-12))).sum(0) / math.log(max(p.shape[0], 2))
 
