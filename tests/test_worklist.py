@@ -49,16 +49,19 @@ def mixed_folder(root: Path) -> Path:
                        (2.0, 2.0, 2.0), np.eye(3), series_uid=DICOM_SERIES_UID, patient_name="DOE^JANE",
                        modality="MR")
     for path in (root / "dicom" / "study").iterdir():  # GDCM writes MR slices as one-frame Enhanced MR:
-        ds = pydicom.dcmread(str(path))                  # make them classic MR images, as scanners send
-        shared, frame = ds.SharedFunctionalGroupsSequence[0], ds.PerFrameFunctionalGroupsSequence[0]
-        ds.ImageOrientationPatient = shared.PlaneOrientationSequence[0].ImageOrientationPatient
-        ds.PixelSpacing = shared.PixelMeasuresSequence[0].PixelSpacing
-        ds.SliceThickness = shared.PixelMeasuresSequence[0].SpacingBetweenSlices
-        ds.RescaleIntercept = shared.PixelValueTransformationSequence[0].RescaleIntercept
-        ds.RescaleSlope = shared.PixelValueTransformationSequence[0].RescaleSlope
-        ds.ImagePositionPatient = frame.PlanePositionSequence[0].ImagePositionPatient
-        for keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "NumberOfFrames"):
-            delattr(ds, keyword)
+        ds = pydicom.dcmread(str(path))                  # (sometimes) make them classic MR images
+        if "SharedFunctionalGroupsSequence" in ds:
+            shared, frame = ds.SharedFunctionalGroupsSequence[0], ds.PerFrameFunctionalGroupsSequence[0]
+            ds.ImageOrientationPatient = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+            ds.PixelSpacing = shared.PixelMeasuresSequence[0].PixelSpacing
+            ds.SliceThickness = shared.PixelMeasuresSequence[0].SpacingBetweenSlices
+            ds.RescaleIntercept = shared.PixelValueTransformationSequence[0].RescaleIntercept
+            ds.RescaleSlope = shared.PixelValueTransformationSequence[0].RescaleSlope
+            ds.ImagePositionPatient = frame.PlanePositionSequence[0].ImagePositionPatient
+            for keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+                delattr(ds, keyword)
+        if "NumberOfFrames" in ds:
+            del ds.NumberOfFrames
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
         ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.2.1125.78"
         ds.save_as(str(path))

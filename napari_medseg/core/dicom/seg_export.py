@@ -71,6 +71,9 @@ def write_segmentation(path, case, file_labels: np.ndarray, geometry, volumes: l
             sources = [pydicom.dcmread(str(i.path), stop_before_pixels=True) for i in instances]
     except Exception as exc:  # noqa: BLE001
         raise MedsegError(f"a source image could not be read again ({scrub(str(exc))[:120]})") from None
+    for dataset in sources:  # type 2 in most image IODs, but highdicom needs it: the grid's spacing
+        if not str(getattr(dataset, "SliceThickness", "") or "").strip():
+            dataset.SliceThickness = f"{float(geometry.spacing[2]):.6g}"
     frames = frames_on_sources(np.asarray(file_labels), geometry.affine_ras, instances)
     names = {int(row["value"]): str(row["name"]) for row in volumes}
     present = [int(v) for v in np.unique(frames) if v != 0]
