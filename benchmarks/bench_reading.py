@@ -51,7 +51,9 @@ class Drawn:
 
     def connect(self, callback) -> None:
         self._callback = lambda _event: callback()
-        self.canvas.events.draw.connect(self._callback)
+        # Last: after the scene has drawn (vispy calls a new callback first by default,
+        # which would time the start of the drawing, not the drawn view).
+        self.canvas.events.draw.connect(self._callback, position="last")
 
     def disconnect(self) -> None:  # ours only: napari's own draw callbacks stay
         self.canvas.events.draw.disconnect(self._callback)
