@@ -148,7 +148,7 @@ def _registry(args):
 def _cmd_predict(args) -> int:
     from pathlib import Path
 
-    from .core.domain import scan_problems
+    from .core.domain import image_for_model
     from .core.inference import InferenceSettings, segment
     from .core.io import MASK_SUFFIXES, NIFTI_SUFFIXES, map_file, mask_file, read_volume
     from .core.outputs import check_outputs, write_files
@@ -162,11 +162,7 @@ def _cmd_predict(args) -> int:
     settings = InferenceSettings(device=args.device, overlap=args.overlap, tta=args.tta)
     model = _load_model(args)
     volume = read_volume(args.input, volume_index=args.volume, series=args.series)
-    if volume.is_label_map:
-        raise MedsegError(f"'{volume.name}' looks like a label map, not an image to segment")
-    image = volume.layer_data()
-    problems = scan_problems(image, volume.geometry.layer_spacing, model.card, volume.modality,
-                             volume.modality_guessed, volume.info.get("dicom", {}).get("BodyPartExamined"))
+    image, problems = image_for_model(volume, model.card, "segment")
     if problems and not args.force:
         raise MedsegError(f"{problems[0]}; pass --force to segment it anyway")
     result = segment(image, volume.geometry.layer_affine_ras, model, settings,
@@ -208,7 +204,7 @@ def _cmd_explain(args) -> int:
 
     import numpy as np
 
-    from .core.domain import scan_problems
+    from .core.domain import image_for_model
     from .core.explain import explain, uncertain_regions
     from .core.inference import InferenceSettings
     from .core.io import NIFTI_SUFFIXES, map_file, read_volume
@@ -223,11 +219,7 @@ def _cmd_explain(args) -> int:
     settings = InferenceSettings(device=args.device)
     model = _load_model(args)
     volume = read_volume(args.input, volume_index=args.volume, series=args.series)
-    if volume.is_label_map:
-        raise MedsegError(f"'{volume.name}' looks like a label map, not an image to explain")
-    image = volume.layer_data()
-    problems = scan_problems(image, volume.geometry.layer_spacing, model.card, volume.modality,
-                             volume.modality_guessed, volume.info.get("dicom", {}).get("BodyPartExamined"))
+    image, problems = image_for_model(volume, model.card, "explain")
     if problems and not args.force:
         raise MedsegError(f"{problems[0]}; pass --force to explain it anyway")
     region = None
@@ -404,7 +396,7 @@ def _cmd_worklist_list(args) -> int:
     print(f"{'id':<18} {'status':<10} {'uncertainty':>11}  {'model':<22} name / volumes / reason")
     for case in cases:
         score = f"{case.score:.4f}" if case.score is not None else "-"
-        detail = case.reason or case.volume_text()
+        detail = case.reason or "; ".join(filter(None, [case.volume_text()] + case.warnings))
         print(f"{case.id:<18} {case.status:<10} {score:>11}  {case.model[:22]:<22} {case.name}"
               + (f"  ({detail})" if detail else ""))
     return 0

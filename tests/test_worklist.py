@@ -166,6 +166,30 @@ def test_a_case_that_fails_while_running_does_not_stop_the_others(tmp_path, sphe
                                                           ("z_last", "predicted")}
 
 
+def test_an_implausible_result_comes_first_with_its_warning(tmp_path):
+    """The default model on a real breast MR (pyradiomics) and on the real MNI head: the
+    breast's 'brain' volume is implausible, so it leads the list whatever its entropy."""
+    import shutil
+
+    from dicom_factory import pyradiomics_scan
+
+    from napari_medseg._sample import sample_path
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copyfile(pyradiomics_scan("breast1"), scans / "breast.nrrd")
+    shutil.copyfile(sample_path(), scans / "head.nii.gz")
+    workspace = Workspace(tmp_path / "ws")
+    worklist = Worklist(workspace)
+    worklist.add([scans])
+    assert run_worklist(workspace, None).predicted == 2
+    first, second = worklist.cases()
+    assert first.name == "breast" and any("expected for brain" in text for text in first.warnings)
+    assert second.name == "head" and second.warnings == []
+    listing = cli("worklist", "list", "--workspace", tmp_path / "ws")
+    assert "expected for brain" in listing.stdout
+
+
 def _snapshot(folder: Path) -> dict:
     with sqlite3.connect(str(folder / "index.sqlite")) as db:
         rows = db.execute("SELECT id, status, files, updated, score FROM cases").fetchall()

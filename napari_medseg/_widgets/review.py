@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, PushButton, Table
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 
 from .._layers import make_metadata, remember_prediction, volume_to_layer_data
 from .._worker import BackgroundTask
@@ -163,7 +163,8 @@ class ReviewWidget(Container):
             counts = worklist.counts()
         finally:
             workspace.close()
-        rows = [[case.name, case.status + (f": {case.reason}" if case.reason else ""), case.model,
+        rows = [[case.name, case.status + (f": {case.reason}" if case.reason else "")
+                 + (f" (WARNING: {'; '.join(case.warnings)})" if case.warnings else ""), case.model,
                  "" if case.score is None else f"{case.score:.4f}", case.volume_text(), case.reviewer]
                 for case in self.cases]
         self._table.value = {"data": rows, "index": list(range(len(rows))), "columns": list(COLUMNS)}
@@ -298,9 +299,9 @@ class ReviewWidget(Container):
             uncertainty = self.viewer.add_image(loaded.uncertainty, colormap="inferno", blending="additive",
                                                 opacity=0.6, contrast_limits=(0.0, 1.0), units="mm", **map_kwargs)
             labels = self.viewer.add_labels(loaded.labels.copy(), opacity=0.5, units="mm", **label_kwargs)
+            remember_prediction(labels, loaded.labels)  # unsaved edits: anything changed since it was shown
             self.layers = {"scan": scan, "labels": labels, "uncertainty": uncertainty}
         labels = self.layers["labels"]
-        remember_prediction(labels, loaded.labels)  # unsaved edits: anything changed since this was shown
         mark_clean(labels, "saved")
         self.viewer.layers.selection.active = labels
         self.current = loaded
@@ -310,6 +311,8 @@ class ReviewWidget(Container):
         self.refresh()
         self._status.value = (f"{case.name}: {case.status}, uncertainty "
                               f"{'-' if case.score is None else f'{case.score:.4f}'}; {case.volume_text()}")
+        for message in case.warnings:
+            show_warning(f"napari-medseg: {case.name}: {message}")
         self._start_prefetch()
 
     def _replace_data(self, data, kwargs, loaded: LoadedCase, label_kwargs: dict, map_kwargs: dict) -> None:

@@ -11,13 +11,13 @@ one safetensors model file whose card declares deepbet's pipeline with our chang
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 
 from .card import ModelCard, parse_card
 from .errors import MedsegError
+from .outputs import sha256_of_file
 from .network import LinkNet3d
 
 DEEPBET_FILES = ("bbox_model.pt", "model.pt")
@@ -32,14 +32,6 @@ DEEPBET_CITATION = ("Fisch L, Zumdick S, Barkhau C, et al. deepbet: Fast brain e
                     "using Convolutional Neural Networks. Computers in Biology and Medicine 179 (2024) 108845. "
                     "doi:10.1016/j.compbiomed.2024.108845")
 DEEPBET_LICENCE = "MIT (deepbet 1.0.2, Copyright (c) 2023 Medical Machine Learning Lab - University of Münster)"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def find_deepbet(source: str | Path | None = None) -> Path:
@@ -67,7 +59,7 @@ def find_deepbet(source: str | Path | None = None) -> Path:
 
 def identify(folder: Path) -> str:
     """The deepbet release whose weights these are; unknown weights are refused."""
-    hashes = {name: _sha256(folder / name) for name in DEEPBET_FILES}
+    hashes = {name: sha256_of_file(folder / name) for name in DEEPBET_FILES}
     for release, known in KNOWN_DEEPBET.items():
         if hashes == known:
             return release

@@ -58,6 +58,19 @@ def typical_body_width_mm(image, layer_spacing: tuple) -> float | None:
     return float(np.median(widths)) if widths else None
 
 
+def image_for_model(volume, card: ModelCard, action: str = "segment") -> tuple[np.ndarray, list[str]]:
+    """A scan's layer-order image for a model to work on, and why it lies outside the
+    model's domain (see :func:`scan_problems`). A label map is refused: it is no image."""
+    from .errors import MedsegError
+
+    if volume.is_label_map:
+        raise MedsegError(f"'{volume.name}' looks like a label map, not an image to {action}")
+    image = volume.layer_data()
+    problems = scan_problems(image, volume.geometry.layer_spacing, card, volume.modality, volume.modality_guessed,
+                             volume.info.get("dicom", {}).get("BodyPartExamined"))
+    return image, problems
+
+
 def scan_problems(image, layer_spacing: tuple, card: ModelCard, modality: str = "unknown",
                   modality_guessed: bool = True, body_part: str | None = None) -> list[str]:
     """Why this scan is outside ``card``'s domain; an empty list when it fits."""

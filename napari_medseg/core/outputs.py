@@ -85,6 +85,17 @@ def _probe_writable(folder: Path, option: str, name: str) -> None:
     os.unlink(probe)
 
 
+def sha256_of_file(path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def fsync_path(path, directory: bool = False) -> None:
     """Flush a file (or, with ``directory``, a folder's entries) to disk; errors are ignored."""
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)

@@ -37,9 +37,9 @@ import numpy as np
 
 from .errors import Cancelled, MedsegError
 from .io import SCAN_SUFFIXES, suffix_of
-from .outputs import fsync_path
+from .outputs import fsync_path, sha256_of_file
 from .progress import Progress, report
-from .workspace import Workspace, _now, _sha256, deidentified_geometry
+from .workspace import Workspace, _now, deidentified_geometry
 
 STATUSES = ("new", "predicted", "in review", "accepted", "corrected", "skipped", "failed")
 ORDERS = ("uncertainty", "name", "date")
@@ -47,7 +47,7 @@ ORDERS = ("uncertainty", "name", "date")
 HAS_MASK = ("predicted", "in review", "accepted", "corrected")
 BOUNDARY_BAND_VOXELS = 2
 CASE_COLUMNS = ("id", "added", "name", "source", "series", "volume", "date", "status", "reason", "model", "score",
-                "volumes", "reviewer", "item", "files", "updated")
+                "warnings", "volumes", "reviewer", "item", "files", "updated")
 
 
 @dataclass
@@ -63,6 +63,7 @@ class Case:
     reason: str
     model: str
     score: float | None
+    warnings: list
     volumes: list
     reviewer: str
     item: str
@@ -72,7 +73,7 @@ class Case:
     def summary(self) -> dict:
         """The case as the CLI's ``--json`` and the export table show it (no source path)."""
         return {"id": self.id, "name": self.name, "status": self.status, "reason": self.reason,
-                "model": self.model, "uncertainty": self.score, "volumes": self.volumes,
+                "model": self.model, "uncertainty": self.score, "warnings": self.warnings, "volumes": self.volumes,
                 "reviewer": self.reviewer, "date": self.date, "queue_item": self.item}
 
     def volume_text(self) -> str:
@@ -211,12 +212,11 @@ def _dataset_cases(path: Path) -> list[Found]:
     found = []
     for image in images:
         name = _relative_name(image, root)
-        if image.exists():
-            found.extend(_file_cases(image, name))
-        elif Path(str(image) + ".nii.gz").exists() or (image.parent / (image.name.split(".")[0] + "_0000" + ".nii.gz")).exists():
-            # nnU-Net splits channels into NAME_0000.nii.gz; take the first channel.
-            channel = image.parent / (image.name.split(".")[0] + "_0000.nii.gz")
-            found.extend(_file_cases(channel if channel.exists() else Path(str(image) + ".nii.gz"), name))
+        # nnU-Net splits channels into NAME_0000.nii.gz: the first channel stands for the case.
+        candidates = (image, Path(str(image) + ".nii.gz"), image.parent / (image.name.split(".")[0] + "_0000.nii.gz"))
+        existing = next((path for path in candidates if path.exists()), None)
+        if existing is not None:
+            found.extend(_file_cases(existing, name))
         else:
             found.append(Found(name, str(image), reason=f"'{image.name}' is listed in {path.name} but does not exist"))
     return found
@@ -306,12 +306,14 @@ class Worklist:
     def _case(self, row) -> Case:
         data = dict(zip(CASE_COLUMNS, row))
         data["volumes"] = json.loads(data["volumes"])
+        data["warnings"] = json.loads(data["warnings"])
         data["files"] = json.loads(data["files"])
         return Case(**data)
 
     def cases(self, order: str = "uncertainty", status: str | tuple | None = None) -> list[Case]:
-        """Cases in ``order``: ``uncertainty`` (most doubtful first, then cases without a
-        score in the order added), ``name``, or ``date`` (newest first)."""
+        """Cases in ``order``: ``uncertainty`` (results that look implausible first, then the
+        most doubtful, then cases without a score in the order added), ``name``, or ``date``
+        (newest first)."""
         if order not in ORDERS:
             raise MedsegError(f"order must be one of {', '.join(ORDERS)}, not {order!r}")
         query = f"SELECT {', '.join(CASE_COLUMNS)} FROM cases"
@@ -320,7 +322,7 @@ class Worklist:
             wanted = (status,) if isinstance(status, str) else tuple(status)
             query += f" WHERE status IN ({', '.join('?' * len(wanted))})"
             values.extend(wanted)
-        sort = {"uncertainty": " ORDER BY score IS NULL, score DESC, rowid",
+        sort = {"uncertainty": " ORDER BY warnings = '[]', score IS NULL, score DESC, rowid",
                 "name": " ORDER BY name COLLATE NOCASE, rowid", "date": " ORDER BY date DESC, rowid"}[order]
         return [self._case(row) for row in self.workspace.query(query + sort, values)]
 
@@ -388,7 +390,7 @@ class Worklist:
             staging.mkdir()
             write_files([mask_file(staging / "mask.nii.gz", result.labels, clean),
                          map_file(staging / "uncertainty.nii.gz", result.uncertainty, clean)])
-            hashes = {name: _sha256(staging / f"{name}.nii.gz") for name in ("mask", "uncertainty")}
+            hashes = {name: sha256_of_file(staging / f"{name}.nii.gz") for name in ("mask", "uncertainty")}
             fsync_path(staging, directory=True)
             target = self.folder / case.id
             with self.workspace.write() as db:
@@ -396,10 +398,10 @@ class Worklist:
                     shutil.rmtree(target)
                 os.rename(staging, target)
                 fsync_path(self.folder, directory=True)
-                db.execute("UPDATE cases SET status = 'predicted', reason = '', model = ?, score = ?, volumes = ?, "
-                           "files = ?, updated = ? WHERE id = ?",
-                           (result.model, result.score, json.dumps(result.volumes), json.dumps(hashes), _now(),
-                            case.id))
+                db.execute("UPDATE cases SET status = 'predicted', reason = '', model = ?, score = ?, warnings = ?, "
+                           "volumes = ?, files = ?, updated = ? WHERE id = ?",
+                           (result.model, result.score, json.dumps(result.warnings), json.dumps(result.volumes),
+                            json.dumps(hashes), _now(), case.id))
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise MedsegError(f"could not store case '{case.name}' in workspace '{self.workspace.folder.name}': "
@@ -418,7 +420,7 @@ class Worklist:
         if not folder.is_dir():
             raise MedsegError(f"case '{case.name}' has no stored prediction to review")
         write_files([mask_file(folder / "reviewed.nii.gz", labels, deidentified_geometry(geometry))])
-        files = dict(case.files, reviewed=_sha256(folder / "reviewed.nii.gz"))
+        files = dict(case.files, reviewed=sha256_of_file(folder / "reviewed.nii.gz"))
         with self.workspace.write() as db:
             db.execute("UPDATE cases SET files = ?, updated = ? WHERE id = ?", (json.dumps(files), _now(), case.id))
         return self.case(case.id)
@@ -457,11 +459,8 @@ def read_case(case: Case):
     """The case's scan as a :class:`~napari_medseg.core.io.Volume` (errors as :class:`MedsegError`)."""
     from .io import read_volume
 
-    volume = read_volume(case.source, series=case.series or None,
-                         volume_index=case.volume if case.volume >= 0 else None)
-    if volume.is_label_map:
-        raise MedsegError(f"'{volume.name}' looks like a label map, not a scan to segment")
-    return volume
+    return read_volume(case.source, series=case.series or None,
+                       volume_index=case.volume if case.volume >= 0 else None)
 
 
 def boundary_uncertainty(labels: np.ndarray, uncertainty: np.ndarray, width: int = BOUNDARY_BAND_VOXELS) -> float:
@@ -487,21 +486,21 @@ def boundary_uncertainty(labels: np.ndarray, uncertainty: np.ndarray, width: int
 
 def predict_case(volume, model, settings=None, progress: Progress | None = None) -> CaseResult:
     """Labels, uncertainty and score of one scan, from one pass of the network."""
-    from .domain import scan_problems
+    from .domain import image_for_model
     from .inference import InferenceSettings, segment
 
     settings = settings or InferenceSettings()
-    image = volume.layer_data()
-    problems = scan_problems(image, volume.geometry.layer_spacing, model.card, volume.modality,
-                             volume.modality_guessed, volume.info.get("dicom", {}).get("BodyPartExamined"))
+    image, problems = image_for_model(volume, model.card)
     if problems:
         raise MedsegError(problems[0])
     result = segment(image, volume.geometry.layer_affine_ras, model, settings, want_uncertainty=True,
                      progress=progress)
     rows = [{key: row[key] for key in ("value", "name", "ml")} for row in result.volume_rows()]
+    from .privacy import scrub
+
     return CaseResult(result.labels, result.uncertainty, volume.geometry,
                       boundary_uncertainty(result.labels, result.uncertainty), rows, model.title,
-                      list(volume.warnings) + result.warnings)
+                      [scrub(text) for text in result.warnings])
 
 
 # -- the batch run ----------------------------------------------------------------------------
@@ -677,7 +676,6 @@ def export_worklist(workspace: Workspace, out_dir, dicom_seg: bool = False,
         row = {"file": "", "seg": "", **case.summary()}
         if case.status in HAS_MASK and "mask" in case.files:
             mask_name = "reviewed" if "reviewed" in case.files else "mask"
-            stored = read_volume(worklist.path(case, mask_name))
             target = out / f"{stem}.nii.gz"
             write_files([(target, lambda tmp, src=worklist.path(case, mask_name): shutil.copyfile(src, tmp),
                           ".nii.gz")])
@@ -688,6 +686,7 @@ def export_worklist(workspace: Workspace, out_dir, dicom_seg: bool = False,
                     from .dicom.seg_export import write_segmentation
 
                     seg_path = out / f"{stem}.seg.dcm"
+                    stored = read_volume(worklist.path(case, mask_name))  # only SEG needs the voxels
                     write_segmentation(seg_path, case, np.asarray(stored.data), stored.geometry, case.volumes,
                                        reviewed=case.status in ("accepted", "corrected"))
                     row["seg"] = seg_path.name
@@ -697,7 +696,7 @@ def export_worklist(workspace: Workspace, out_dir, dicom_seg: bool = False,
         summary.table.append(row)
     labels = sorted({r["name"] for row in summary.table for r in row["volumes"]})
     header = ["id", "name", "status", "reason", "model", "uncertainty", "reviewer", "date", "queue_item", "file",
-              "seg"] + [f"{label} mL" for label in labels]
+              "seg", "warnings"] + [f"{label} mL" for label in labels]
 
     def write_csv(tmp):
         with open(tmp, "w", newline="") as handle:
@@ -706,7 +705,7 @@ def export_worklist(workspace: Workspace, out_dir, dicom_seg: bool = False,
             for row in summary.table:
                 ml = {r["name"]: f"{r['ml']:.3f}" for r in row["volumes"]}
                 writer.writerow([row[key] if row[key] is not None else "" for key in header[:11]]
-                                + [ml.get(label, "") for label in labels])
+                                + ["; ".join(row["warnings"])] + [ml.get(label, "") for label in labels])
 
     text = json.dumps(summary.table, indent=2)
     write_files([(out / "worklist.csv", write_csv, ".csv"),

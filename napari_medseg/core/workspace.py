@@ -26,7 +26,6 @@ name is stored because the user typed it; nothing else names a person.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -38,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MedsegError
-from .outputs import fsync_path
+from .outputs import fsync_path, sha256_of_file
 from .geometry import ScanGeometry
 
 SCHEMA = """
@@ -69,6 +68,7 @@ CREATE TABLE IF NOT EXISTS cases (          -- the review worklist (see worklist
     reason TEXT NOT NULL DEFAULT '',      -- why it was skipped or failed (one line)
     model TEXT NOT NULL DEFAULT '',       -- the model version that predicted it
     score REAL,                           -- uncertainty score (higher: more doubtful)
+    warnings TEXT NOT NULL DEFAULT '[]',  -- why the result looks implausible (volumes, extent)
     volumes TEXT NOT NULL DEFAULT '[]',   -- label volumes in mL
     reviewer TEXT NOT NULL DEFAULT '',
     item TEXT NOT NULL DEFAULT '',        -- the queue item of a submitted correction
@@ -94,14 +94,6 @@ VALIDATION_EVERY = 5   # with split "auto", every fifth item joins the frozen va
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _alive(pid: int) -> bool:
@@ -254,7 +246,7 @@ class Workspace:
             if prediction is not None:
                 parts.append(mask_file(staging / "prediction.nii.gz", prediction, clean))
             write_files(parts)
-            hashes = {name: _sha256(staging / f"{name}.nii.gz") for name in FILES
+            hashes = {name: sha256_of_file(staging / f"{name}.nii.gz") for name in FILES
                       if (staging / f"{name}.nii.gz").exists()}
             fsync_path(staging, directory=True)
         except MedsegError as exc:
@@ -343,7 +335,7 @@ class Workspace:
                 path = self.item_path(item, name)
                 if not path.exists():
                     problems.append(f"item {item.id}: {name} is missing")
-                elif _sha256(path) != expected:
+                elif sha256_of_file(path) != expected:
                     problems.append(f"item {item.id}: {name} does not match its hash")
         for entry in self.items_dir.iterdir():
             if not entry.name.startswith(".") and entry.name not in known:
