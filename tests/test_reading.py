@@ -8,7 +8,7 @@ import pytest
 from qtpy.QtCore import QPoint, Qt
 
 from conftest import AFFINES
-from napari_medseg._widgets.reading import cursor_report, open_reading_layout, plane_setup
+from napari_medseg._widgets.reading import LETTER_MARGIN, cursor_report, open_reading_layout, plane_setup
 
 SHAPE = (40, 48, 36)
 VARIANTS = {
@@ -48,6 +48,19 @@ def bright_centroid(shot: np.ndarray) -> tuple[float, float]:
     return xs.mean() / shot.shape[1], ys.mean() / shot.shape[0]
 
 
+def letters_drawn(shot: np.ndarray) -> dict:
+    """Which edges of a canvas screenshot have yellow letter pixels near their middle."""
+    rgb = shot[..., :3].astype(int)
+    yellow = (rgb[..., 0] > 200) & (rgb[..., 1] > 170) & (rgb[..., 2] < 90)
+    h, w = yellow.shape
+    band = 2 * LETTER_MARGIN
+    middle_rows, middle_cols = slice(int(h * 0.4), int(h * 0.6)), slice(int(w * 0.4), int(w * 0.6))
+    return {"middle_left": bool(yellow[middle_rows, :band].sum() > 10),
+            "middle_right": bool(yellow[middle_rows, w - band:].sum() > 10),
+            "top_center": bool(yellow[:band, middle_cols].sum() > 10),
+            "bottom_center": bool(yellow[h - band:, middle_cols].sum() > 10)}
+
+
 @pytest.fixture
 def layout_on(make_napari_viewer, qtbot):
     def make(path):
@@ -80,6 +93,15 @@ def test_the_marker_shows_at_the_patients_right_and_front_under_R_and_A(layout_o
         assert x < 0.5 and y < 0.5, f"{variant} {plane}: marker at ({x:.2f}, {y:.2f}) of the canvas"
         assert letters["middle_left"] == left and letters["top_center"] == top
     assert ("Oblique" in layout.note.text()) == (variant == "oblique")
+    # The letters are drawn in the canvas itself (so screenshots keep them), at all four edges.
+    for view in layout.views.values():
+        view.crosshair.visible = False  # the crosshair is yellow too
+    qtbot.wait(100)
+    for plane in layout.views:
+        drawn = letters_drawn(layout.views[plane].qt_viewer.screenshot(flash=False))
+        assert all(drawn.values()), f"{variant} {plane}: letters drawn at {drawn}"
+    for view in layout.views.values():
+        view.crosshair.visible = True
     # The neurological convention puts the patient's right on the screen's right.
     layout.set_convention("neurological")
     qtbot.wait(200)

@@ -28,7 +28,6 @@ import weakref
 
 import numpy as np
 from napari.components import ViewerModel
-from napari.components.overlays import TextOverlay
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info
 from qtpy.QtCore import Qt, QTimer
@@ -46,6 +45,7 @@ PLANES = {
     "sagittal": ((2, 0, 1), ("up", "right"), ("A", "P", "S", "I")),
 }
 EDGES = ("middle_left", "middle_right", "top_center", "bottom_center")
+LETTER_MARGIN = 14  # pixels from a view's edge to the centre of its orientation letter
 CONVENTIONS = ("radiological", "neurological")
 SYNCED = {
     Image: ("contrast_limits", "colormap", "gamma", "opacity", "visible", "blending"),
@@ -146,6 +146,32 @@ def label_name(layer, value: int) -> str:
     return f"label {value}"
 
 
+def orientation_letters(viewbox):
+    """One text visual for the four letters of a view, drawn in its pixel space.
+
+    One visual rather than four napari text overlays, and its filter kernel kept as one
+    texture: vispy's text uploads that kernel on every draw, and under software OpenGL
+    each upload makes the driver rasterise what it has queued, so four overlays per view
+    cost about 5 ms a slice step (bench_reading).
+    """
+    from vispy.gloo import Texture2D
+    from vispy.scene.visuals import Text
+
+    visual = Text(text=["", "", "", ""], pos=np.zeros((4, 2)), color="yellow", font_size=14, bold=True,
+                  anchor_x="center", anchor_y="center", parent=viewbox)
+    visual._font._kernel = Texture2D(visual._font._kernel)  # its own font: each visual has a font manager
+    visual.order = 1e6 + 1
+    viewbox.events.resize.connect(lambda _event=None: place_letters(visual, viewbox))
+    return visual
+
+
+def place_letters(visual, viewbox) -> None:
+    width, height = viewbox.size
+    m = LETTER_MARGIN
+    visual.pos = np.array([[m, height / 2], [width - m, height / 2], [width / 2, m], [width / 2, height - m]],
+                          dtype=np.float32)
+
+
 class _View:
     """One plane: a viewer model (the main viewer for axial) and its canvas."""
 
@@ -154,6 +180,8 @@ class _View:
         self.model = model
         self.qt_viewer = qt_viewer
         self.crosshair = None
+        self.letters: dict = {}       # edge -> letter
+        self.letters_visual = None
         self.copies: dict = {}   # id(main layer) -> copy layer in this model
 
 
@@ -268,14 +296,12 @@ class ReadingLayout(QWidget):
         if model.dims.ndim >= 3:
             model.dims.order = tuple(range(model.dims.ndim - 3)) + tuple(a + model.dims.ndim - 3 for a in order)
         model.camera.orientation2d = orientation
-        for edge, letter in zip(EDGES, letters):
-            key = f"medseg_orientation_{edge}"
-            overlay = model.canvas.overlays.get(key) if hasattr(model.canvas.overlays, "get") else None
-            if overlay is None:
-                overlay = TextOverlay(visible=True, text=letter, position=edge, font_size=14, color="yellow")
-                model.canvas.overlays[key] = overlay
-            else:
-                overlay.text = letter
+        view.letters = dict(zip(EDGES, letters))
+        if view.qt_viewer is not None:
+            if view.letters_visual is None:
+                view.letters_visual = orientation_letters(view.qt_viewer.canvas.view)
+            view.letters_visual.text = list(letters)
+            place_letters(view.letters_visual, view.qt_viewer.canvas.view)
         self._update_note()
 
     def reset_views(self) -> None:
@@ -287,8 +313,7 @@ class ReadingLayout(QWidget):
 
     def edge_letters(self, plane: str) -> dict:
         """The letters shown at the edges of a view: ``{edge: letter}``."""
-        overlays = self.views[plane].model.canvas.overlays
-        return {edge: overlays[f"medseg_orientation_{edge}"].text for edge in EDGES}
+        return dict(self.views[plane].letters)
 
     def _update_note(self) -> None:
         image = scan_image(self.viewer)
