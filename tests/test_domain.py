@@ -78,6 +78,19 @@ def test_implausible_volumes_and_the_all_head_failure_are_flagged(brain_card):
     assert result.volumes()[0]["warning"].startswith(f"{expected_ml:.0f} mL is outside")
 
 
+def test_the_share_of_the_body_counts_only_labels_inside_it(brain_card):
+    """A small body with labels all around it is at most 100% labelled (it had read 1513% on a real breast MR)."""
+    grid = np.mgrid[:40, :40, :40]
+    body = np.sqrt(((grid - 20) ** 2).sum(0)) < 8
+    image = np.where(body, 300.0, 2.0).astype(np.float32)
+    labels = np.ones(image.shape, np.uint8)  # the body and all the air around it
+    result = Segmentation(labels, None, brain_card.label_names, brain_card.label_colors, (1.0, 1.0, 1.0))
+    [share] = [w for w in result_warnings(result, labels, image, brain_card) if "of the imaged body" in w]
+    assert "100% of the imaged body was labelled brain" in share
+    half = labels * (grid[0] < 20)  # half of the body, and air
+    assert not any("of the imaged body" in w for w in result_warnings(result, half, image, brain_card))
+
+
 def test_post_processing_does_not_hide_a_failure(brain_card):
     """The checks judge the raw network output: a clean final mask still carries the raw failure."""
     image = np.full((30, 30, 30), 300.0, np.float32)
