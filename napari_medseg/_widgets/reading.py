@@ -205,13 +205,13 @@ class ReadingLayout(QWidget):
         self._watched: set = set()
         self._presets_index = -1
         self.views: dict[str, _View] = {}
+        self.view_3d = None
         self._build_controls(settings)
         self.views["axial"] = _View("axial", napari_viewer, getattr(napari_viewer.window, "_qt_viewer", None))
         splitter = QSplitter()
-        splitter.setOrientation(2)  # vertical
+        splitter.setOrientation(Qt.Orientation.Vertical)
         for plane in ("coronal", "sagittal"):
             self.views[plane] = self._make_view(plane, splitter)
-        self.view_3d = None
         self._splitter = splitter
         splitter.setMinimumSize(360, 520)
         self.layout().addWidget(splitter, 1)
