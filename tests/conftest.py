@@ -23,6 +23,26 @@ def _own_home(tmp_path_factory, monkeypatch):
         monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path_factory.mktemp("home")))
 
 
+def closed_by_user(viewer) -> None:
+    """Finish napari's bookkeeping after a window was closed as its X button closes it.
+
+    Qt6 bindings delete the closed main window (and its QtViewer) at once, and napari's own
+    ``viewer.close()``, which ``make_napari_viewer`` calls at teardown, would then touch the
+    deleted QtViewer; napari alone does the same. With PyQt5 the objects stay and nothing is needed.
+    """
+    from qtpy.QtCore import QCoreApplication, QEvent
+
+    window = viewer.window
+    if not hasattr(window, "_qt_window"):
+        return
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    try:
+        window._qt_viewer.objectName()
+    except RuntimeError:  # deleted by Qt
+        window._teardown()
+        del window._qt_window
+
+
 def answer_question(qtbot, answer: str, timeout: int = 10000):
     """Click ``answer`` on the next question box napari-medseg shows, as a user would."""
     from qtpy.QtCore import QTimer

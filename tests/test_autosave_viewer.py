@@ -17,7 +17,7 @@ import pytest
 from napari.layers import Labels
 
 from autosave_child import replay
-from conftest import answer_question
+from conftest import answer_question, closed_by_user
 from napari_medseg._autosave import manager_of
 from napari_medseg._sample import sample_path
 from napari_medseg.core import autosave
@@ -166,6 +166,7 @@ def test_closing_with_unsaved_edits_asks_first(make_napari_viewer, qtbot, scan_c
     asked = answer_question(qtbot, "Discard")
     window.close()
     qtbot.waitUntil(lambda: bool(asked) and not window.isVisible(), timeout=5000)
+    closed_by_user(viewer)
     # Discard keeps the autosave until the next clean close, so a wrong click can be undone.
     [kept] = [s for s in autosave.list_sessions(manager.root) if s.folder == session_folder]
     assert kept.state == "discarded"
@@ -186,6 +187,7 @@ def test_saving_then_closing_asks_nothing_and_leaves_nothing(make_napari_viewer,
     assert [t.layer_ref() for t in manager.unsaved()] == [labels]
     assert labels.save(str(tmp_path / "mask.nii.gz"), plugin="napari-medseg")
     viewer.window._qt_window.close()  # nothing to ask
+    closed_by_user(viewer)
     assert autosave.list_sessions(manager.root) == []
 
 
@@ -221,6 +223,7 @@ def test_submit_on_close_stores_the_correction(make_napari_viewer, qtbot, scan_c
     manager = manager_of(viewer)
     answer_question(qtbot, "Submit")
     viewer.window._qt_window.close()
+    closed_by_user(viewer)
     workspace = Workspace(manager.workspace_folder)
     [item] = workspace.items()
     np.testing.assert_array_equal(workspace.load_item(item)["label"], painted)
