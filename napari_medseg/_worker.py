@@ -27,6 +27,19 @@ class _Relay(QObject):
     progressed = Signal(float, str)
 
 
+class _Outcome:
+    """What a core call returned or raised, handed to the GUI thread as one value.
+
+    Errors travel as values rather than through the worker's ``errored`` signal: napari
+    connects that signal to a ``functools.partial`` that PySide6 calls with the
+    exception as an extra argument, which raises a TypeError in the event loop.
+    """
+
+    def __init__(self, value=None, error: BaseException | None = None):
+        self.value = value
+        self.error = error
+
+
 class BackgroundTask:
     """A running core call; ``cancel()`` stops it at its next progress report."""
 
@@ -49,13 +62,15 @@ class BackgroundTask:
                 raise Cancelled(f"{description} was cancelled")
             self._relay.progressed.emit(float(fraction), str(message))
 
-        @thread_worker(start_thread=False, ignore_errors=True)  # errors go to _errored
+        @thread_worker(start_thread=False, ignore_errors=True)
         def work():
-            return function(*args, progress=report, **kwargs)
+            try:
+                return _Outcome(function(*args, progress=report, **kwargs))
+            except Exception as exc:  # noqa: BLE001 - every error is shown, see _errored
+                return _Outcome(error=exc)
 
         self.worker = work()
-        self.worker.returned.connect(self._returned)
-        self.worker.errored.connect(self._errored)
+        self.worker.returned.connect(self._settle)
         self.worker.finished.connect(self._finished)
         self._on_done, self._on_error, self._on_finish = on_done, on_error, on_finish
         self.worker.start()
@@ -75,6 +90,12 @@ class BackgroundTask:
             self._last_step = step
         if message:
             self._bar.set_description(f"{self.description}: {message}")
+
+    def _settle(self, outcome: _Outcome) -> None:
+        if outcome.error is not None:
+            self._errored(outcome.error)
+        else:
+            self._returned(outcome.value)
 
     def _returned(self, result) -> None:
         self.result = result

@@ -30,7 +30,8 @@ import numpy as np
 from napari.components import ViewerModel
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info
-from qtpy.QtCore import Qt, QTimer
+from qtpy import API_NAME as QT_API
+from qtpy.QtCore import QCoreApplication, QEvent, Qt, QTimer
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QHBoxLayout, QLabel, QMainWindow, QSplitter,
                             QVBoxLayout, QWidget)
 
@@ -647,11 +648,7 @@ class ReadingLayout(QWidget):
                                 (self.viewer.dims.events.current_step, self._main_dims_changed)):
             event.disconnect(callback)
         for view in self._extra_views():
-            view.model.layers.clear()
-            view.copies.clear()
-            view.qt_viewer.close()
-            view.qt_viewer.setParent(None)
-            view.qt_viewer.deleteLater()
+            _dispose(view)
         self.views.clear()
         self.view_3d = None
         _layouts.pop(self.viewer, None)
@@ -668,11 +665,23 @@ class ReadingLayout(QWidget):
             view.model.reset_view()
         elif not on and self.view_3d is not None:
             view, self.view_3d = self.view_3d, None
-            view.model.layers.clear()
-            view.qt_viewer.setParent(None)
-            view.qt_viewer.close()
+            _dispose(view)
         if self._show_3d.isChecked() != bool(on):
             self._show_3d.setChecked(bool(on))
+
+
+def _dispose(view: _View) -> None:
+    """Close an extra view and delete its canvas."""
+    view.model.layers.clear()
+    view.copies.clear()
+    view.qt_viewer.close()
+    view.qt_viewer.setParent(None)
+    view.qt_viewer.deleteLater()
+    if QT_API.startswith("PySide"):
+        # PySide keeps a widget waiting for deletion (and, through napari's connections,
+        # its whole viewer) alive until the next event loop pass, so delete it now; PyQt
+        # leaves it to the garbage collector, and deleting it now would keep it.
+        QCoreApplication.sendPostedEvents(view.qt_viewer, QEvent.Type.DeferredDelete)
 
 
 def _history_lengths(layer) -> tuple:
