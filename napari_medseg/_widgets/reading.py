@@ -181,8 +181,7 @@ class _View:
         self.model = model
         self.qt_viewer = qt_viewer
         self.crosshair = None
-        self.letters: dict = {}       # edge -> letter
-        self.letters_visual = None
+        self.letters_visual = None    # the orientation letters, in EDGES order
         self.copies: dict = {}   # id(main layer) -> copy layer in this model
 
 
@@ -297,7 +296,6 @@ class ReadingLayout(QWidget):
         if model.dims.ndim >= 3:
             model.dims.order = tuple(range(model.dims.ndim - 3)) + tuple(a + model.dims.ndim - 3 for a in order)
         model.camera.orientation2d = orientation
-        view.letters = dict(zip(EDGES, letters))
         if view.qt_viewer is not None:
             if view.letters_visual is None:
                 view.letters_visual = orientation_letters(view.qt_viewer.canvas.view)
@@ -313,8 +311,9 @@ class ReadingLayout(QWidget):
             self.view_3d.model.reset_view()
 
     def edge_letters(self, plane: str) -> dict:
-        """The letters shown at the edges of a view: ``{edge: letter}``."""
-        return dict(self.views[plane].letters)
+        """The letters shown at the edges of a view: ``{edge: letter}`` (read from the drawn text)."""
+        visual = self.views[plane].letters_visual
+        return {} if visual is None else dict(zip(EDGES, visual.text))
 
     def _update_note(self) -> None:
         image = scan_image(self.viewer)

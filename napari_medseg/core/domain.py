@@ -111,9 +111,10 @@ def result_warnings(segmentation, raw_labels: np.ndarray, image, card: ModelCard
     if checks.max_body_fraction is not None and raw_foreground:
         from .pipeline import body_mask
 
-        body = body_mask(image)
+        body, step = body_mask(image, coarse=True)  # judged on the mask's own strided grid
+        labelled = raw_labels[::step, ::step, ::step] != 0
         # Only what lies inside the body counts: labels outside it would make a share over 100%.
-        share = np.count_nonzero(body & (raw_labels != 0)) / max(np.count_nonzero(body), 1)
+        share = np.count_nonzero(body & labelled) / max(np.count_nonzero(body), 1)
         if share > checks.max_body_fraction:
             names = ", ".join(label.name for label in card.labels[1:])
             warnings.append(f"the result looks like a failure: {share:.0%} of the imaged body was labelled "

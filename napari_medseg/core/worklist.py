@@ -488,6 +488,7 @@ def predict_case(volume, model, settings=None, progress: Progress | None = None)
     """Labels, uncertainty and score of one scan, from one pass of the network."""
     from .domain import image_for_model
     from .inference import InferenceSettings, segment
+    from .privacy import scrub
 
     settings = settings or InferenceSettings()
     image, problems = image_for_model(volume, model.card)
@@ -496,8 +497,6 @@ def predict_case(volume, model, settings=None, progress: Progress | None = None)
     result = segment(image, volume.geometry.layer_affine_ras, model, settings, want_uncertainty=True,
                      progress=progress)
     rows = [{key: row[key] for key in ("value", "name", "ml")} for row in result.volume_rows()]
-    from .privacy import scrub
-
     return CaseResult(result.labels, result.uncertainty, volume.geometry,
                       boundary_uncertainty(result.labels, result.uncertainty), rows, model.title,
                       [scrub(text) for text in result.warnings])
