@@ -41,7 +41,7 @@ def brushing_gap(seconds: float, autosave_on: bool, home: Path) -> dict:
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
-    from napari_medseg._autosave import install
+    from napari_medseg.viewer._autosave import install
 
     viewer = napari.Viewer(show=True)
     rng = np.random.default_rng(0)

@@ -40,7 +40,7 @@ def make_volume(kind: str, folder: Path) -> Path:
     import nibabel as nib
     from nibabel.processing import resample_from_to
 
-    from napari_medseg._sample import sample_path
+    from napari_medseg.viewer._sample import sample_path
 
     path = folder / f"{kind}.nii.gz"
     if path.exists():

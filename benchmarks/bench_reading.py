@@ -113,7 +113,7 @@ def main() -> None:
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from napari_medseg._widgets.reading import ReadingLayout
+    from napari_medseg.viewer._widgets.reading import ReadingLayout
 
     ct, labels = ct_volume()
     print(f"CT {ct.shape[2]} x {ct.shape[1]} x {ct.shape[0]} int16 with a labels layer")

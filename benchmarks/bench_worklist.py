@@ -37,7 +37,7 @@ def real_heads() -> list:
     if not HEADS[0].exists():
         subprocess.run([sys.executable, str(ROOT / "scripts" / "brain_data.py"), str(DATA), str(DATA.parent)],
                        check=True)
-    from napari_medseg._sample import sample_path
+    from napari_medseg.viewer._sample import sample_path
 
     return HEADS + [Path(sample_path())]
 
@@ -76,7 +76,7 @@ def next_to_shown(workspace: Path, steps: int) -> None:
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from napari_medseg._widgets.review import ReviewWidget
+    from napari_medseg.viewer._widgets.review import ReviewWidget
 
     viewer = napari.Viewer(show=True)
     widget = ReviewWidget(viewer)

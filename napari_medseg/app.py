@@ -9,16 +9,24 @@ import argparse
 
 PLUGIN = "napari-medseg"
 WIDGETS = ("Scan", "Segment", "Explain", "Correct")
+FIRST = "Segment"   # the tab shown at start: what a radiologist does first with an open scan
 
 
 def build_viewer(scan: str | None = None, widgets: tuple = WIDGETS):
-    """A viewer with ``widgets`` docked and ``scan`` (or the sample) open; returns (viewer, {name: widget})."""
+    """A viewer with ``widgets`` docked as tabs of one column and ``scan`` (or the sample) open,
+    its window fitted to the screen; returns (viewer, {name: widget})."""
     import napari
 
+    from .viewer._window import fit_to_screen
+
     viewer = napari.Viewer(title="napari-medseg")
-    docked = {}
-    for name in widgets:
-        _dock, docked[name] = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    docked, docks = {}, {}
+    for index, name in enumerate(widgets):
+        docks[name], docked[name] = viewer.window.add_plugin_dock_widget(PLUGIN, name, tabify=index > 0)
+    shown = docks.get(FIRST) or next(iter(docks.values()), None)
+    if shown is not None:
+        shown.raise_()
+    fit_to_screen(viewer)
     if scan:
         viewer.open(scan, plugin=PLUGIN)
     else:
@@ -31,16 +39,16 @@ def demo_explain(viewer, widgets) -> None:
     """Segment the scan and show its entropy map with the doubtful regions (for the README)."""
     import numpy as np
 
-    from ._widgets.explain import run_explain
-    from ._widgets.scan import layer_geometry
-    from ._widgets.segment import run_segmentation
+    from .viewer._widgets.explain import run_explain
+    from .viewer._layers import layer_geometry, scan_image_of
+    from .viewer._widgets.segment import run_segmentation
     from .core.inference import InferenceSettings
 
     image = viewer.layers[0]
     geometry = layer_geometry(image)
     segment, explain = widgets["Segment"], widgets["Explain"]
-    segment._show_result(image, geometry, *run_segmentation(np.asarray(image.data), geometry.layer_affine_ras,
-                                                            segment._model.value, InferenceSettings()))
+    segment._show_result(image, geometry, run_segmentation(scan_image_of(image), segment._model.value,
+                                                           InferenceSettings()))
     viewer.layers[-1].contour = 1
     explain._method.value = "entropy"
     explain._show(image, *run_explain(np.asarray(image.data), geometry.layer_affine_ras, explain._model.value,
@@ -54,21 +62,20 @@ def demo_reading(viewer, widgets, segment: bool) -> None:
     """Open the reading layout; for the README, with a segmentation and the crosshair on the brain."""
     import numpy as np
 
-    from ._widgets.reading import open_reading_layout
+    from .viewer._widgets.reading import open_reading_layout
 
     image = viewer.layers[0]
     if segment:
-        from ._widgets.scan import layer_geometry
-        from ._widgets.segment import run_segmentation
+        from .viewer._layers import layer_geometry, scan_image_of
+        from .viewer._widgets.segment import run_segmentation
         from .core.inference import InferenceSettings
 
         geometry = layer_geometry(image)
         segment_widget = widgets["Segment"]
-        segment_widget._show_result(image, geometry, *run_segmentation(
-            np.asarray(image.data), geometry.layer_affine_ras, segment_widget._model.value, InferenceSettings()))
+        segment_widget._show_result(image, geometry, run_segmentation(
+            scan_image_of(image), segment_widget._model.value, InferenceSettings()))
         viewer.layers[-1].contour = 1
         viewer.layers.selection.active = image
-        viewer.window.remove_dock_widget(segment_widget.native.parent())  # room for the views
     layout = open_reading_layout(viewer)
     if segment:
         # the crosshair on the left putamen region, a point every plane cuts through brain
@@ -93,10 +100,9 @@ def main(argv=None) -> None:
     if args.screenshot:
         from qtpy.QtWidgets import QApplication
 
-        viewer.window._qt_window.resize(1500, 950)
         for _ in range(30):
             QApplication.processEvents()
-        from ._widgets.reading import layout_of
+        from .viewer._widgets.reading import layout_of
 
         if layout_of(viewer) is not None:
             layout_of(viewer).reset_views()

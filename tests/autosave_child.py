@@ -25,8 +25,8 @@ import numpy as np
 
 def open_scan(viewer, scan: str):
     """The scan as the plugin's reader opens it, and an empty labels layer on it."""
-    from napari_medseg._layers import make_metadata, medseg_meta
-    from napari_medseg._reader import read_scan
+    from napari_medseg.viewer._layers import make_metadata, medseg_meta
+    from napari_medseg.viewer._reader import read_scan
 
     data, kwargs, _kind = read_scan(scan)[0]
     image = viewer.add_image(data, **kwargs)
@@ -62,7 +62,7 @@ def replay(scan: str, ops_file: str) -> list:
 def main(scan: str, ops_file: str, seed: int, mode: str) -> None:
     from napari.components import ViewerModel
 
-    from napari_medseg._autosave import install
+    from napari_medseg.viewer._autosave import install
 
     rng = np.random.default_rng(seed)
     viewer = ViewerModel()

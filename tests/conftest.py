@@ -189,7 +189,7 @@ def head_copy(kind: str):
     """
     from nibabel.processing import resample_from_to
 
-    from napari_medseg._sample import sample_path
+    from napari_medseg.viewer._sample import sample_path
 
     head = nib.load(sample_path())
     mask = nib.load(BRAIN_MASK)

@@ -18,8 +18,8 @@ from napari.layers import Labels
 
 from autosave_child import replay
 from conftest import answer_question, closed_by_user
-from napari_medseg._autosave import manager_of
-from napari_medseg._sample import sample_path
+from napari_medseg.viewer._autosave import manager_of
+from napari_medseg.viewer._sample import sample_path
 from napari_medseg.core import autosave
 from napari_medseg.core.errors import MedsegError
 from napari_medseg.core.io import read_volume
@@ -43,7 +43,7 @@ def scan_copy(tmp_path):
 
 
 def test_run_edit_run_keeps_the_edited_layer_and_adds_a_new_one(make_napari_viewer, qtbot, scan_copy):
-    from napari_medseg._widgets.segment import SegmentWidget
+    from napari_medseg.viewer._widgets.segment import SegmentWidget
 
     viewer = make_napari_viewer()
     _open(viewer, scan_copy)
@@ -93,7 +93,7 @@ def test_a_write_over_a_source_is_refused_and_the_source_is_unchanged(make_napar
     assert mask.save(str(link), plugin="napari-medseg") == []
     assert _digest(scan_copy) == before
     # The scan a segmentation belongs to, even once its layer is closed.
-    from napari_medseg._layers import update_medseg_meta
+    from napari_medseg.viewer._layers import update_medseg_meta
 
     update_medseg_meta(mask, scan_source_path=str(scan_copy), source_path=None)
     viewer.layers.remove(image)
@@ -220,11 +220,13 @@ def test_submit_on_close_stores_the_correction(make_napari_viewer, qtbot, scan_c
                                metadata=image.metadata)
     labels.paint((40, 50, 45), 1)
     painted = np.array(labels.data, copy=True)
-    manager = manager_of(viewer)
+    from napari_medseg.viewer._workspace import workspace_folder
+
+    folder = workspace_folder(viewer)
     answer_question(qtbot, "Submit")
     viewer.window._qt_window.close()
     closed_by_user(viewer)
-    workspace = Workspace(manager.workspace_folder)
+    workspace = Workspace(folder)
     [item] = workspace.items()
     np.testing.assert_array_equal(workspace.load_item(item)["label"], painted)
     workspace.close()
@@ -287,7 +289,7 @@ def test_the_recover_widget_puts_a_crashed_sessions_mask_back_on_its_scan(make_n
                            env=env, capture_output=True, text=True, timeout=120)
     assert child.returncode == -9, child.stderr[-2000:]
     painted = replay(str(scan_copy), str(ops))[-1]
-    from napari_medseg._widgets.recover import RecoverWidget, offer_recovery
+    from napari_medseg.viewer._widgets.recover import RecoverWidget, offer_recovery
 
     viewer = make_napari_viewer()
     offered = offer_recovery(viewer)

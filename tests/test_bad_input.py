@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import AFFINES, random_volume, write_dicom_series, write_nifti
-from napari_medseg import _reader
+from napari_medseg.viewer import _reader
 from napari_medseg.core.errors import (MedsegError, MultipleSeriesError, MultiVolumeError,
                                        NotAVolumeError, UnreadableScanError)
 from napari_medseg.core.io import read_volume, write_mask
@@ -271,7 +271,7 @@ def test_every_train_option_has_a_description_and_its_default():
 
 
 def test_the_overlap_box_shows_the_engine_default(make_napari_viewer):
-    from napari_medseg._widgets.segment import SegmentWidget
+    from napari_medseg.viewer._widgets.segment import SegmentWidget
     from napari_medseg.core.inference import DEFAULT_OVERLAP
 
     widget = SegmentWidget(make_napari_viewer())

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 
 from conftest import sphere_case
-from napari_medseg._layers import make_metadata, remember_prediction
+from napari_medseg.viewer._layers import make_metadata, remember_prediction
 from napari_medseg.core.geometry import ScanGeometry
 from napari_medseg.core.workspace import Workspace
 
 
 @pytest.fixture
 def correct_widget(make_napari_viewer, tmp_path, monkeypatch):
-    from napari_medseg._widgets.correct import CorrectWidget
+    from napari_medseg.viewer._widgets.correct import CorrectWidget
 
     monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home"))
     viewer = make_napari_viewer()

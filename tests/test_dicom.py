@@ -223,7 +223,7 @@ def test_a_dicom_seg_opens_as_labels_on_its_series_voxel_for_voxel(tmp_path, ct)
     np.testing.assert_array_equal(labels[index], alone.data[alone.data > 0])
     assert len(ijk) == int((labels > 0).sum())
     # In the study folder, the SEG is listed as a segmentation of the series and opens on it.
-    from napari_medseg._reader import read_scan
+    from napari_medseg.viewer._reader import read_scan
     from napari_medseg.core.dicom import list_series
 
     listing = list_series(tmp_path / "study")

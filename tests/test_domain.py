@@ -105,8 +105,8 @@ def test_segment_widget_asks_before_running_out_of_scope(qtbot, make_napari_view
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication, QMessageBox
 
-    from napari_medseg._reader import read_scan
-    from napari_medseg._widgets.segment import SegmentWidget
+    from napari_medseg.viewer._reader import read_scan
+    from napari_medseg.viewer._widgets.segment import SegmentWidget
 
     monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home"))
     viewer = make_napari_viewer()

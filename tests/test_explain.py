@@ -13,7 +13,7 @@ import pytest
 import torch
 from scipy import ndimage, stats
 
-from napari_medseg._sample import sample_path
+from napari_medseg.viewer._sample import sample_path
 from napari_medseg.core.errors import MedsegError
 from napari_medseg.core.explain import GradCamPredictor, default_layer, explain, uncertain_regions
 from napari_medseg.core.inference import InferenceSettings, NetworkPredictor, segment, sliding_window
@@ -169,8 +169,8 @@ def test_clear_errors_for_what_a_model_cannot_explain(registry, head):
 
 @pytest.fixture
 def explain_widget(make_napari_viewer, monkeypatch, tmp_path):
-    from napari_medseg._reader import read_scan
-    from napari_medseg._widgets.explain import ExplainWidget
+    from napari_medseg.viewer._reader import read_scan
+    from napari_medseg.viewer._widgets.explain import ExplainWidget
 
     monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home"))
     viewer = make_napari_viewer()

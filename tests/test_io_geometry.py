@@ -8,8 +8,8 @@ import pytest
 from napari.layers import Layer
 
 from conftest import AFFINES, NIBABEL_DATA, random_volume, write_dicom_series, write_nifti
-from napari_medseg._layers import volume_to_layer_data
-from napari_medseg._sample import sample_path
+from napari_medseg.viewer._layers import volume_to_layer_data
+from napari_medseg.viewer._sample import sample_path
 from napari_medseg.core.geometry import RAS_TO_LPS, ScanGeometry
 from napari_medseg.core.io import read_volume, write_mask
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import AFFINES, random_volume, write_nifti
-from napari_medseg._sample import sample_path
+from napari_medseg.viewer._sample import sample_path
 from napari_medseg.core.errors import MedsegError
 from napari_medseg.core.outputs import check_outputs, write_files
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_medseg._sample import sample_path
+from napari_medseg.viewer._sample import sample_path
 from napari_medseg.core.io import read_volume
 from napari_medseg.core.models import ModelRegistry
 from napari_medseg.core.pipeline import labels_to_scan, prepare, to_scan

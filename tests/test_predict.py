@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import AFFINES, head_copy, write_nifti
-from napari_medseg._sample import sample_path
+from napari_medseg.viewer._sample import sample_path
 from napari_medseg.cli import main
 from napari_medseg.core.inference import InferenceSettings, segment
 from napari_medseg.core.io import read_volume

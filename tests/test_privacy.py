@@ -14,7 +14,7 @@ import pytest
 
 from conftest import AFFINES, random_volume, write_nifti
 from dicom_factory import PATIENT, Sampler, write_series
-from napari_medseg._sample import sample_path
+from napari_medseg.viewer._sample import sample_path
 from napari_medseg.core.privacy import ScrubFilter, native_messages, scrub
 
 NAMES = ("Smith", "John", "MRN998877", "SMITH", "19450312")
@@ -125,7 +125,7 @@ def test_a_duplicate_slice_is_dropped_and_the_spacing_comes_from_the_rest(patien
 def test_napari_reader_notifications_name_only_the_file(patient_folder, case):
     from napari.utils.notifications import notification_manager
 
-    from napari_medseg._reader import napari_get_reader
+    from napari_medseg.viewer._reader import napari_get_reader
 
     path = CASES[case](patient_folder)
     before = len(notification_manager.records)
@@ -139,7 +139,7 @@ def test_napari_reader_notifications_name_only_the_file(patient_folder, case):
 def test_scan_widget_notifications_name_only_the_file(qtbot, make_napari_viewer, patient_folder):
     from napari.utils.notifications import notification_manager
 
-    from napari_medseg._widgets.scan import ScanWidget
+    from napari_medseg.viewer._widgets.scan import ScanWidget
 
     viewer = make_napari_viewer()
     widget = ScanWidget(viewer)
@@ -152,7 +152,7 @@ def test_scan_widget_notifications_name_only_the_file(qtbot, make_napari_viewer,
 
 
 def test_no_dicom_patient_attribute_reaches_a_layer(tmp_path):
-    from napari_medseg._reader import read_scan
+    from napari_medseg.viewer._reader import read_scan
 
     layers = read_scan(str(_dicom_series(tmp_path, None)))  # the header holds the patient, the path does not
     assert layers and layers[0][0] is not None

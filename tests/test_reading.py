@@ -8,7 +8,7 @@ import pytest
 from qtpy.QtCore import QPoint, Qt
 
 from conftest import AFFINES
-from napari_medseg._widgets.reading import LETTER_MARGIN, cursor_report, open_reading_layout, plane_setup
+from napari_medseg.viewer._widgets.reading import LETTER_MARGIN, cursor_report, open_reading_layout, plane_setup
 
 SHAPE = (40, 48, 36)
 VARIANTS = {
@@ -156,7 +156,7 @@ def test_a_right_drag_changes_window_and_level(layout_on, qtbot, tmp_path):
 
 
 def test_a_stroke_in_the_coronal_view_edits_the_voxels_it_covers(layout_on, qtbot, tmp_path):
-    from napari_medseg._autosave import manager_of
+    from napari_medseg.viewer._autosave import manager_of
 
     path, world = marker_scan(tmp_path, "stored", VARIANTS["stored"])
     viewer, layout, image = layout_on(path)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import answer_question, write_sphere_scans
-from napari_medseg._widgets.review import ReviewWidget
+from napari_medseg.viewer._widgets.review import ReviewWidget
 from napari_medseg.core.worklist import Worklist, run_worklist
 from napari_medseg.core.workspace import Workspace
 

@@ -11,9 +11,9 @@ from napari.layers import Labels
 from napari.utils.notifications import notification_manager
 from qtpy.QtCore import QTimer
 
-from napari_medseg._reader import napari_get_reader
-from napari_medseg._sample import sample_path
-from napari_medseg._widgets.segment import SegmentWidget
+from napari_medseg.viewer._reader import napari_get_reader
+from napari_medseg.viewer._sample import sample_path
+from napari_medseg.viewer._widgets.segment import SegmentWidget
 from napari_medseg.core.io import read_volume
 from napari_medseg.core.models import save_model
 from napari_medseg.core.network import AttentionUNet3D
@@ -113,7 +113,7 @@ def test_run_without_an_image_is_a_notification(qtbot, make_napari_viewer):
 
 
 def test_saved_segmentation_lands_in_the_scan_file_geometry(qtbot, segment_widget, tmp_path):
-    from napari_medseg._writer import write_labels
+    from napari_medseg.viewer._writer import write_labels
 
     viewer, widget = segment_widget
     widget.run()

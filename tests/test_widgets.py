@@ -9,8 +9,8 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import notification_manager
 
 from conftest import AFFINES, random_volume, write_dicom_series, write_nifti
-from napari_medseg._sample import sample_path
-from napari_medseg._widgets.scan import ScanWidget
+from napari_medseg.viewer._sample import sample_path
+from napari_medseg.viewer._widgets.scan import ScanWidget
 from napari_medseg.core.windowing import CT_PRESETS, window_to_limits
 
 
@@ -49,7 +49,7 @@ def read_world_of_first_layer_voxel(path, layer):
     """Where nibabel puts the file voxel that the layer shows at index (0, 0, 0)."""
     value = layer.data[0, 0, 0]
     data = np.asanyarray(nib.load(str(path)).dataobj)
-    from napari_medseg._layers import geometry_of
+    from napari_medseg.viewer._layers import geometry_of
 
     geometry = geometry_of(layer)
     marker = np.zeros(geometry.layer_shape, np.uint8)

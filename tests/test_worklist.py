@@ -173,7 +173,7 @@ def test_an_implausible_result_comes_first_with_its_warning(tmp_path):
 
     from dicom_factory import pyradiomics_scan
 
-    from napari_medseg._sample import sample_path
+    from napari_medseg.viewer._sample import sample_path
 
     scans = tmp_path / "scans"
     scans.mkdir()
@@ -335,7 +335,8 @@ def test_cli_errors_are_one_line(tmp_path):
     missing = cli("worklist", "list", "--workspace", tmp_path / "none")
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "does not exist" in missing.stderr
     Workspace(tmp_path / "ws").close()
-    no_folder = cli("worklist", "export", "--workspace", tmp_path / "ws", "-o", tmp_path / "nowhere")
-    assert no_folder.returncode == 2 and "does not exist" in no_folder.stderr
+    # -o creates its folder (with its parents), as TotalSegmentator's does.
+    made = cli("worklist", "export", "--workspace", tmp_path / "ws", "-o", tmp_path / "new" / "export")
+    assert made.returncode == 0 and (tmp_path / "new" / "export" / "worklist.csv").is_file()
     bad = cli("worklist", "add", tmp_path / "ws" / "index.sqlite", "--workspace", tmp_path / "ws")
     assert bad.returncode == 0 and "not a scan" in bad.stderr

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import sphere_case
 from dicom_factory import PATIENT, Sampler, patient_strings_absent, write_series
-from napari_medseg._sample import sample_path
+from napari_medseg.viewer._sample import sample_path
 from napari_medseg.core.errors import MedsegError
 from napari_medseg.core.geometry import ScanGeometry
 from napari_medseg.core.workspace import Workspace

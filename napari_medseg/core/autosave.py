@@ -591,3 +591,41 @@ class MaskAutosave:
                     self.session.set_state(state)
                 self.session.close(delete=delete)
                 self.session = None
+
+
+@dataclass
+class RecoveredMask:
+    session: Recoverable
+    mask: np.ndarray                      # layer order
+    geometry: ScanGeometry | None         # the scan's grid, when the session recorded it
+    label_names: dict                     # {value: name}
+    model: str
+
+
+def recover_session(root: str | os.PathLike | None, session: "Recoverable | str", scan: np.ndarray | None = None,
+                    output=None) -> RecoveredMask:
+    """The last complete autosave of a session: the one way the CLI and the Recover widget restore.
+
+    ``session`` is a :class:`Recoverable` or its id (a unique start is enough). With ``scan``
+    (layer order), the scan is checked to be the one the edits were made on. With ``output``,
+    the mask is written there in the scan's geometry (the session must have recorded it),
+    and the session is marked recovered.
+    """
+    from .io import write_mask
+
+    found = session if isinstance(session, Recoverable) else find_session(root, session)
+    mask, meta = load_session(found.folder)
+    if scan is not None:
+        wanted = found.scan.get("sha256")
+        if list(np.shape(scan)) != list(found.shape) or \
+                (wanted and scan_identity(np.asarray(scan), None)["sha256"] != wanted):
+            raise MedsegError("that is not the scan these edits were made on (its voxels differ)")
+    geometry = session_geometry(meta)
+    names = {int(k): v for k, v in (meta.get("label_names") or {}).items()}
+    recovered = RecoveredMask(found, mask, geometry, names, meta.get("model", ""))
+    if output is not None:
+        if geometry is None:
+            raise MedsegError(f"autosave '{found.id}' did not record its scan's geometry")
+        write_mask(output, mask, geometry)
+    mark_state(found.folder, "recovered")  # kept until the next clean close
+    return recovered

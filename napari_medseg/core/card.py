@@ -407,3 +407,54 @@ def parse_card(data, where: str) -> ModelCard:
         licence=data.get("licence"), citation=data.get("citation"),
         content_sha256=data.get("content_sha256"),
     )
+
+
+def evaluation_rows(card: ModelCard) -> list:
+    """The held-out evaluation stored in the card (``benchmarks/eval_brain_model.py --write-cards``)."""
+    return list((card.metrics or {}).get("evaluation") or [])
+
+
+def losing_rows(card: ModelCard, margin: float = 0.005) -> list:
+    """Evaluation rows where the model loses: below its peer's Dice on the same scan by more than ``margin``."""
+    return [row for row in evaluation_rows(card)
+            if row.get("deepbet_package_dice") is not None and row["dice"] < row["deepbet_package_dice"] - margin]
+
+
+def card_text(card: ModelCard) -> str:
+    """A model card for people to read (``napari-medseg models show``): what it is for, what it
+    was trained on, its licence and citation, its evaluation, and where it loses."""
+    provenance = card.provenance or {}
+    training = provenance.get("training_data") or provenance.get("data") or "-"
+    domain = card.domain
+    lines = [
+        f"{card.title}",
+        f"  intended use:   {domain.description or '-'} "
+        f"({domain.modality}{' ' + domain.contrast if domain.contrast else ''}"
+        f"{', ' + domain.body_part if domain.body_part else ''})",
+        f"  labels:         {', '.join(f'{label.value} {label.name}' for label in card.labels)}",
+        f"  training data:  {training}",
+        f"  source:         {provenance.get('source') or provenance.get('weights') or '-'}",
+        f"  licence:        {card.licence or '-'}",
+        f"  citation:       {card.citation or '-'}",
+        f"  network:        {card.network.architecture}"
+        + (f" (first stage {card.roi_network.architecture})" if card.roi_network else ""),
+        f"  explanation:    {', '.join(card.explain) or '-'}",
+        f"  content hash:   {card.content_sha256 or '-'}",
+    ]
+    rows = evaluation_rows(card)
+    if not rows:
+        lines += ["", "evaluation: none stored in this card"]
+    else:
+        metrics = card.metrics
+        lines += ["", f"evaluation ({metrics.get('date', 'undated')}, {metrics.get('method', '-')}, "
+                      f"{metrics.get('machine', '-')}):",
+                  f"  {'scan':<40} {'copy':<38} {'Dice':>7} {'peer':>7} {'s':>6}"]
+        for row in rows:
+            peer = row.get("deepbet_package_dice")
+            lines.append(f"  {row['head'][:40]:<40} {row['copy'][:38]:<38} {row['dice']:7.4f} "
+                         f"{'' if peer is None else format(peer, '7.4f'):>7} {row.get('seconds', 0):6.1f}")
+        losses = losing_rows(card)
+        lines += ["", "where it loses (Dice below the peer, deepbet's own package, on the same scan):"]
+        lines += [f"  {row['head']} / {row['copy']}: {row['dice']:.4f} against {row['deepbet_package_dice']:.4f}"
+                  for row in losses] or ["  nowhere on the stored evaluation"]
+    return "\n".join(lines)

@@ -5,3 +5,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DEVICE_HELP = "auto = CUDA, then Apple MPS, then the CPU"
 # The minimum overlap of neighbouring sliding windows, as a fraction of the model's patch.
 DEFAULT_OVERLAP = 0.125
+# Fine-tuning from the correction queue: the CLI's and the Correct widget's defaults.
+FINETUNE_STEPS = 50
+FINETUNE_TOLERANCE = 0.01         # the largest drop of validation Dice that still promotes
+FINETUNE_REPLAY = 4               # earlier accepted corrections replayed against forgetting
+FINETUNE_LEARNING_RATE = 1e-5

@@ -46,3 +46,11 @@ class GeometryMismatchError(MedsegError):
 
 class Cancelled(MedsegError):
     """The user cancelled a long-running operation."""
+
+
+class OutOfScope(MedsegError):
+    """The scan lies outside the model card's domain (another modality or body part)."""
+
+    def __init__(self, problems: list):
+        super().__init__(problems[0])
+        self.problems = list(problems)

@@ -25,8 +25,7 @@ from .errors import MedsegError
 from .progress import Progress, report, span
 from .workspace import Workspace
 
-DEFAULT_TOLERANCE = 0.01
-DEFAULT_REPLAY = 4
+from .defaults import FINETUNE_LEARNING_RATE, FINETUNE_REPLAY, FINETUNE_STEPS, FINETUNE_TOLERANCE
 
 
 @dataclass
@@ -62,13 +61,15 @@ def training_patch(card, network) -> tuple:
     return tuple(max(divisor, min(int(p), 128) // divisor * divisor) for p in card.pipeline.patch_size)
 
 
-def fine_tune(workspace: Workspace, steps: int = 50, device: str = "auto", tolerance: float = DEFAULT_TOLERANCE,
-              replay: int = DEFAULT_REPLAY, changed_weight: float = 2.0, learning_rate: float = 1e-5,
+def fine_tune(workspace: Workspace, steps: int = FINETUNE_STEPS, device: str = "auto",
+              tolerance: float = FINETUNE_TOLERANCE, replay: int = FINETUNE_REPLAY, changed_weight: float = 2.0,
+              learning_rate: float = FINETUNE_LEARNING_RATE,
               batch_size: int = 1, patch_size: tuple | None = None, seed: int = 0, base: str | None = None,
               progress: Progress | None = None, log=None) -> FineTuneResult:
     """Train a new version on the queue; promote it only if validation Dice does not regress."""
     from .devices import pick_device
-    from .models import Model, load_model
+    from .inference import InferenceSettings
+    from .models import load_model
     from .training import Augmentation, TrainingConfig, config_faults, distributed_context, evaluate, grid_case, train
 
     started = time.perf_counter()
@@ -109,9 +110,10 @@ def fine_tune(workspace: Workspace, steps: int = 50, device: str = "auto", toler
              for item in queued + replayed]
     validation_cases = [_scan_case(workspace, item) for item in validation]
     before = None
+    settings = InferenceSettings(device=device)  # validation runs where the training runs
     if rank == 0:
         current = load_model(workspace.registry.resolve(workspace.model_name))
-        before = evaluate(current, validation_cases)
+        before = evaluate(current, validation_cases, settings)
         report(progress, 0.1, f"validation Dice of {parent}: {before['mean_dice']:.4f}")
     summary = train(network, card, cases, config, progress=span(progress, 0.1, 0.75), log=log)
     if rank != 0:
@@ -119,7 +121,7 @@ def fine_tune(workspace: Workspace, steps: int = 50, device: str = "auto", toler
         return FineTuneResult("", False, "not the writing process", {}, [], time.perf_counter() - started)
     try:
         return _validate_and_record(workspace, network, card, model, validation_cases, before, queued, replayed,
-                                    parent, summary, tolerance, progress, started)
+                                    parent, summary, tolerance, progress, started, settings)
     finally:
         _wait_for_the_writer(world)
 
@@ -134,17 +136,17 @@ def _wait_for_the_writer(world: int) -> None:
 
 
 def _validate_and_record(workspace, network, card, model, validation_cases, before, queued, replayed, parent,
-                         summary, tolerance, progress, started) -> FineTuneResult:
+                         summary, tolerance, progress, started, settings) -> FineTuneResult:
     from .models import Model
     from .training import evaluate
 
     report(progress, 0.85, "validating the new version")
     candidate = Model(network.eval(), card, None, model.roi_network)
-    after = evaluate(candidate, validation_cases)
+    after = evaluate(candidate, validation_cases, settings)
     version = workspace.next_version()
     trained_on = [item.id for item in queued]
     metrics = {"validation_dice_before": before["mean_dice"], "validation_dice_after": after["mean_dice"],
-               "validation": after["dice"], "tolerance": tolerance, "training": summary,
+               "validation": after["dice"], "validation_device": after["device"], "tolerance": tolerance, "training": summary,
                "replayed": [item.id for item in replayed]}
     promoted = after["mean_dice"] >= before["mean_dice"] - tolerance
     if promoted:

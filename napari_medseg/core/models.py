@@ -366,3 +366,45 @@ class ModelRegistry:
         folder.mkdir(parents=True, exist_ok=True)
         save_atomically(folder / "CURRENT", lambda tmp: Path(tmp).write_text(version + "\n"),
                         error=ModelError, label=f"the current-version marker of '{name}'")
+
+
+def resolve_model(spec: str | os.PathLike | None = None, workspace=None) -> Path:
+    """The model file the CLI and the widgets run: one rule for every caller.
+
+    ``spec`` is a model file, ``NAME`` or ``NAME@VERSION`` from the bundled and user models,
+    or, with a ``workspace``, one of its versions (``vN``, or ``NAME@vN``). Without a spec, a
+    workspace gives its promoted version (when it has a model yet), else the default model.
+    """
+    if workspace is not None and workspace.model_name:
+        if spec is None:
+            return workspace.registry.resolve(workspace.model_name)
+        text = str(spec)
+        name, _, version = text.rpartition("@") if "@" in text else ("", "", text)
+        if version in {v["version"] for v in workspace.versions()} and name in ("", workspace.model_name):
+            return workspace.registry.resolve(f"{workspace.model_name}@{version}")
+    return ModelRegistry().resolve(spec)
+
+
+def model_choices(workspace=None) -> tuple[list, str | None]:
+    """``([(label, path), ...], the path selected by default)`` for a model drop-down.
+
+    A workspace's kept versions come first, its promoted one selected; then the bundled and
+    user models (the default model selected when there is no workspace model).
+    """
+    choices, selected = [], None
+    if workspace is not None and workspace.model_name:
+        registry = workspace.registry
+        for entry in registry.entries():
+            label = f"{entry.name} {entry.version} (workspace '{workspace.folder.name}')" \
+                    + (" * promoted" if entry.current else "")
+            choices.append((label, str(entry.path)))
+            if entry.current:
+                selected = str(entry.path)
+    for entry in ModelRegistry().entries():
+        choices.append((f"{entry.name} {entry.version} ({entry.source})" + (" *" if entry.current else ""),
+                        str(entry.path)))
+        if selected is None and entry.current and entry.name == DEFAULT_MODEL:
+            selected = str(entry.path)
+    if selected is None and choices:
+        selected = choices[0][1]
+    return choices, selected

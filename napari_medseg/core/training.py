@@ -40,7 +40,7 @@ from .errors import MedsegError
 from .io import read_volume
 from .metrics import mean_dice
 from .pipeline import intensity_statistics, normalise, onto_grid_nearest, prepare
-from .progress import Progress, report
+from .progress import Progress, report, span
 
 TISSUES_PER_LABEL = 3
 PALETTE = [(0, 0, 0, 0), (0.95, 0.35, 0.2, 1), (0.2, 0.6, 1.0, 1), (0.3, 0.85, 0.3, 1),
@@ -589,11 +589,13 @@ def evaluate(model, cases: list, settings=None) -> dict:
     """Mean foreground Dice per case through the full predict pipeline (as ``predict`` runs it)."""
     from .inference import segment
 
-    per_case = {}
+    per_case, device = {}, None
     for case in cases:
         result = segment(case.image, case.layer_affine_ras, model, settings)
         per_case[case.name] = round(mean_dice(result.labels, case.label, model.card.n_classes), 4)
-    return {"dice": per_case, "mean_dice": round(float(np.mean(list(per_case.values()))), 4) if per_case else None}
+        device = result.info.get("device")
+    return {"dice": per_case, "mean_dice": round(float(np.mean(list(per_case.values()))), 4) if per_case else None,
+            "device": device}
 
 
 def new_card(name: str, version: str, network: torch.nn.Module, label_names: list, modality: str,
@@ -623,3 +625,76 @@ def config_summary(config: TrainingConfig) -> dict:
     out.pop("resume", None)
     out["patch_size"] = list(config.patch_size)
     return out
+
+
+def train_model(data, output, *, name: str = "model", version: str = "1.0.0", steps: int = 1000,
+                batch_size: int = 1, patch_size: tuple = (80, 96, 80), spacing: tuple = (2.0, 2.0, 2.0),
+                channels: tuple = (8, 16, 32, 64), learning_rate: float = 3e-3, seed: int = 0, device: str = "auto",
+                max_shift_mm: float = 25.0, synthesis_probability: float = 0.4, postprocessing: tuple = (),
+                val_data=None, init=None, checkpoint_every: int = 0, resume=None, data_description: str | None = None,
+                progress: Progress | None = None, log=None) -> Path:
+    """Train a model on an MSD / nnU-Net dataset folder and write ``output/NAME.safetensors``.
+
+    Every argument and the whole dataset are checked before training starts (each fault on
+    its own line, as :class:`DatasetError`). ``init`` starts from a model's weights,
+    architecture and pipeline; ``val_data`` adds held-out Dice to the card.
+    """
+    from .devices import pick_device
+    from .inference import InferenceSettings
+    from .models import Model, ModelRegistry, save_model
+    from .network import AttentionUNet3D
+    from .outputs import check_outputs
+
+    output = Path(output)
+    if not output.is_dir():
+        raise MedsegError(f"the output folder '{output.name}' does not exist (create it first)")
+    target = output / f"{name}.safetensors"
+    init_inputs = [init] if init is not None and Path(str(init)).exists() else []
+    check_outputs({"-o": target}, [data, val_data, resume] + init_inputs)
+    config = TrainingConfig(steps=steps, batch_size=batch_size, patch_size=tuple(patch_size),
+                            learning_rate=learning_rate, seed=seed, device=device,
+                            augmentation=Augmentation(max_rotation_deg=40.0, scale_range=(0.85, 1.2),
+                                                      max_shift_mm=max_shift_mm,
+                                                      synthesis_probability=synthesis_probability),
+                            checkpoint=str(output / f"{name}.checkpoint.pt") if checkpoint_every else None,
+                            checkpoint_every=checkpoint_every, resume=resume)
+    if init:
+        model = ModelRegistry().load(init, for_training=True)
+        network, roi_network = model.network, model.roi_network
+        card = model.card.replace(name=name, version=version)
+        if postprocessing:
+            card = card.replace(pipeline={**card.pipeline.to_dict(), "postprocessing": list(postprocessing)})
+    else:
+        if any(c <= 0 for c in channels) or len(channels) < 2:
+            raise MedsegError(f"--channels needs two or more positive widths, got {list(channels)}")
+        network, roi_network, card = None, None, None
+    divisor = int(getattr(network, "divisor", 2 ** (len(channels) - 1)))
+    faults = config_faults(config, divisor, tuple(spacing))
+    if faults:
+        raise DatasetError(faults)
+    pick_device(device)
+    dataset = read_dataset(data, progress=span(progress, 0.0, 0.05))
+    validation = read_dataset(val_data) if val_data else None
+    if network is None:
+        network = AttentionUNet3D(1, len(dataset.label_names), tuple(channels))
+        card = new_card(name, version, network, dataset.label_names, dataset.modality, tuple(spacing),
+                        tuple(patch_size), tuple(postprocessing))
+    elif len(dataset.label_names) != card.n_classes:
+        raise MedsegError(f"the dataset names {len(dataset.label_names)} labels but the model "
+                          f"{card.title} has {card.n_classes}")
+    cases = [grid_case(case, card, roi_network) for case in dataset.cases]
+    summary = train(network, card, cases, config, progress=span(progress, 0.05, 0.9), log=log)
+    provenance = dict(card.provenance, cases=[c.name for c in dataset.cases], training=summary,
+                      data=data_description or f"dataset folder '{Path(data).name}'")
+    if init:
+        provenance["initialised_from"] = Path(str(init)).name
+    card = card.replace(provenance=provenance)
+    if validation is not None:
+        report(progress, 0.95, "held-out Dice")
+        metrics = evaluate(Model(network, card, None, roi_network), validation.cases, InferenceSettings(device=device))
+        card = card.replace(metrics={"held_out": metrics})
+        if log:
+            log(f"held-out Dice: {json.dumps(metrics)}")
+    path = save_model(target, network, card, roi_network)
+    report(progress, 1.0, f"wrote {path.name}")
+    return path

@@ -486,20 +486,48 @@ def boundary_uncertainty(labels: np.ndarray, uncertainty: np.ndarray, width: int
 
 def predict_case(volume, model, settings=None, progress: Progress | None = None) -> CaseResult:
     """Labels, uncertainty and score of one scan, from one pass of the network."""
-    from .domain import image_for_model
-    from .inference import InferenceSettings, segment
+    from .predict import ScanImage, predict_scan
     from .privacy import scrub
 
-    settings = settings or InferenceSettings()
-    image, problems = image_for_model(volume, model.card)
-    if problems:
-        raise MedsegError(problems[0])
-    result = segment(image, volume.geometry.layer_affine_ras, model, settings, want_uncertainty=True,
-                     progress=progress)
+    prediction = predict_scan(ScanImage.from_volume(volume), model, settings, want_uncertainty=True,
+                              progress=progress)
+    result = prediction.segmentation
     rows = [{key: row[key] for key in ("value", "name", "ml")} for row in result.volume_rows()]
     return CaseResult(result.labels, result.uncertainty, volume.geometry,
-                      boundary_uncertainty(result.labels, result.uncertainty), rows, model.title,
+                      boundary_uncertainty(result.labels, result.uncertainty), rows, prediction.model.title,
                       [scrub(text) for text in result.warnings])
+
+
+@dataclass
+class OpenedCase:
+    """Everything needed to show a case, read off the GUI thread."""
+
+    case: Case
+    volume: object
+    labels: np.ndarray
+    prediction: np.ndarray
+    uncertainty: np.ndarray
+
+
+def open_case(folder, case_id: str, model_spec=None, progress: Progress | None = None) -> OpenedCase:
+    """A case's scan and stored results, for review; predicted (and stored) first if still new.
+
+    Opens its own connection to the workspace, so it may run in any thread.
+    """
+    workspace = Workspace(folder, create=False)
+    try:
+        worklist = Worklist(workspace)
+        case = worklist.case(case_id)
+        if case.status in ("failed", "skipped") and not case.files:
+            raise MedsegError(f"case '{case.name}' has no prediction ({case.status}: {case.reason or 'no reason'})")
+        volume = read_case(case)
+        if not case.files:
+            report(progress, 0.1, f"predicting {case.name}")
+            case = worklist.store_result(case, predict_case(volume, load_worklist_model(workspace, model_spec)))
+        stored = worklist.load_result(case)
+        return OpenedCase(case, volume, stored["labels"], stored["prediction"], stored["uncertainty"])
+    finally:
+        workspace.close()
 
 
 # -- the batch run ----------------------------------------------------------------------------
@@ -521,14 +549,11 @@ def _shared_model(workspace: Workspace | None, model_spec, rank: int):
 
     import torch.distributed as dist
 
-    from .models import ModelRegistry, load_model
+    from .models import load_model, resolve_model
 
     payload = [None]
     if rank == 0:
-        if model_spec is None and workspace.model_name:
-            path = workspace.registry.resolve(workspace.model_name)
-        else:
-            path = ModelRegistry().resolve(model_spec)
+        path = resolve_model(model_spec, workspace)
         payload = [(path.read_bytes(), path.name)]
     dist.broadcast_object_list(payload, src=0)
     data, name = payload[0]
@@ -540,11 +565,9 @@ def _shared_model(workspace: Workspace | None, model_spec, rank: int):
 
 def load_worklist_model(workspace: Workspace, model_spec=None):
     """``--model`` if given, else the workspace's promoted version, else the default model."""
-    from .models import ModelRegistry
+    from .models import load_model, resolve_model
 
-    if model_spec is None and workspace.model_name:
-        return workspace.load_model()
-    return ModelRegistry().load(model_spec)
+    return load_model(resolve_model(model_spec, workspace))
 
 
 def run_worklist(workspace: Workspace | None, model=None, *, model_spec=None, settings=None,
@@ -660,8 +683,10 @@ def export_worklist(workspace: Workspace, out_dir, dicom_seg: bool = False,
     from .outputs import write_files
 
     out = Path(out_dir)
-    if not out.is_dir():
-        raise MedsegError(f"the export folder '{out.name}' does not exist")
+    try:  # created as TotalSegmentator's -o is; files already there are never overwritten
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MedsegError(f"cannot create the export folder '{out.name}': {exc.strerror or exc}") from None
     worklist = Worklist(workspace)
     cases = worklist.cases(order="name")
     summary = ExportSummary()

@@ -415,3 +415,53 @@ class Workspace:
         if known[version]["status"] == "rejected":
             raise MedsegError(f"version {version} was rejected by the regression check and was not kept")
         self.registry.set_current(self.model_name, version)
+
+
+def _on_grid(mask, geometry: ScanGeometry, what: str) -> np.ndarray:
+    """A label map in layer order on ``geometry``'s grid: an array as it is, or a read
+    :class:`~napari_medseg.core.io.Volume` checked to lie on the same voxels in patient space."""
+    if mask is None:
+        return None
+    if hasattr(mask, "geometry"):  # read from a file: it must cover the scan's voxels exactly
+        if mask.geometry.layer_shape != geometry.layer_shape or \
+                not np.allclose(mask.geometry.world_affine, geometry.world_affine, atol=1e-3):
+            raise MedsegError(f"{what} '{mask.name}' is not on the scan's grid (shape "
+                              f"{mask.geometry.file_shape}, the scan's {geometry.file_shape})")
+        values = np.asarray(mask.layer_data())
+        name = mask.name
+    else:
+        values, name = np.asarray(mask), what
+    if not np.issubdtype(values.dtype, np.integer) and values.dtype != bool:
+        if not np.allclose(values, np.round(values)):
+            raise MedsegError(f"{what} '{name}' holds fractions; a label map holds whole numbers")
+        values = np.round(values).astype(np.int16)
+    return values
+
+
+def submit_correction(workspace: "Workspace | str | os.PathLike", scan: np.ndarray, geometry: ScanGeometry, label,
+                      prediction=None, *, model: str = "", reviewer: str = "", note: str = "", split: str = "auto",
+                      origin: str = "", progress=None) -> Item:
+    """Store one correction in the queue; the one way the CLI, the widgets and autosave submit.
+
+    ``label`` and ``prediction`` are arrays in layer order or volumes read from files (checked
+    to lie on the scan's grid, and to hold whole numbers). The reviewer's name is remembered
+    as the workspace's default. ``workspace`` may be a folder: it is opened and closed here,
+    so the call may run in any thread.
+    """
+    from .progress import report
+
+    report(progress, 0.1, "storing the correction")
+    label_values = _on_grid(label, geometry, "LABEL")
+    prediction_values = _on_grid(prediction, geometry, "--prediction")
+    own = not isinstance(workspace, Workspace)
+    store = Workspace(workspace) if own else workspace
+    try:
+        item = store.submit(scan, geometry, label_values, prediction_values, model=model, reviewer=reviewer,
+                            note=note, split=split, origin=origin)
+        if reviewer:
+            store.set_setting("reviewer", reviewer)
+        report(progress, 1.0, f"stored as item {item.id[:12]}")
+        return item
+    finally:
+        if own:
+            store.close()

@@ -17,7 +17,7 @@ from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Signal
 
-from .core.errors import Cancelled, MedsegError
+from ..core.errors import Cancelled, MedsegError
 
 log = logging.getLogger(__name__)
 STEPS = 1000

@@ -11,10 +11,11 @@ from __future__ import annotations
 import weakref
 
 import numpy as np
+from psygnal import Signal
 
-from .core.geometry import ScanGeometry
-from .core.io import Volume
-from .core.windowing import default_preset, preset_limits
+from ..core.geometry import ScanGeometry
+from ..core.io import Volume
+from ..core.windowing import default_preset, preset_limits
 
 METADATA_KEY = "medseg"
 OBLIQUE_NOTE = ("the scan is oblique: 3D view and world coordinates are exact; "
@@ -39,8 +40,19 @@ def update_medseg_meta(layer, **values) -> dict:
 _predictions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+class _PredictionEvents:
+    """``recorded(layer)``: a model's prediction was just recorded for ``layer`` (Correct counts
+    edits from then on). psygnal holds bound methods weakly, so a closed widget drops out."""
+
+    recorded = Signal(object)
+
+
+prediction_events = _PredictionEvents()
+
+
 def remember_prediction(layer, labels: np.ndarray) -> None:
     _predictions[layer] = np.array(labels, copy=True)
+    prediction_events.recorded.emit(layer)
 
 
 def original_prediction(layer) -> np.ndarray | None:
@@ -133,11 +145,69 @@ def open_sources() -> list[str]:
 
 
 def geometry_of(layer) -> ScanGeometry | None:
-    """The scan geometry recorded on a layer by napari-medseg, if any."""
-    info = medseg_meta(layer)
+    """The scan geometry recorded on a layer (or a layer-data ``meta`` dict) by napari-medseg, if any."""
+    info = medseg_meta(layer.get("metadata") or {}) if isinstance(layer, dict) else medseg_meta(layer)
     if "geometry" not in info:
         return None
     return ScanGeometry.from_dict(info["geometry"])
+
+
+def layer_geometry(layer, shape: tuple | None = None) -> ScanGeometry:
+    """A layer's scan geometry: the recorded one, else one derived from the layer's own transform.
+
+    ``layer`` may be a napari layer or a layer-data ``meta`` dict (what a writer receives),
+    then with the data's ``shape``.
+    """
+    from ..core.errors import MedsegError
+
+    geometry = geometry_of(layer)
+    if geometry is not None:
+        return geometry
+    if isinstance(layer, dict):
+        state = layer
+    else:
+        shape = layer.data.shape
+        state = {"scale": layer.scale, "translate": layer.translate, "rotate": layer.rotate,
+                 "shear": layer.shear, "affine": layer.affine.affine_matrix}
+    if len(shape) != 3:
+        raise MedsegError(f"only 3D masks can be saved; this layer has shape {tuple(shape)}")
+    return ScanGeometry.from_world_affine(world_affine_from_meta(state), tuple(shape))
+
+
+def write_layer_mask(path, data, meta: dict):
+    """Write a labels layer's ``data`` to ``path`` in its scan's geometry; returns the path written.
+
+    Never over a source: not the file any open layer was read from, nor the scan this mask
+    segments (the same check, and the same message, as the command line's ``-o``).
+    """
+    from ..core.io import write_mask
+    from ..core.outputs import check_outputs
+
+    info = medseg_meta(meta.get("metadata") or {})
+    sources = [*open_sources(), info.get("source_path"), info.get("scan_source_path")]
+    check_outputs({"mask": path}, inputs=sources)
+    data = np.asarray(data)
+    return write_mask(path, data, layer_geometry(meta, data.shape))
+
+
+def correction_parts(viewer, layer) -> tuple:
+    """``(scan, geometry, label, prediction, model)`` of a labels layer, for
+    :func:`napari_medseg.core.workspace.submit_correction`."""
+    from ..core.errors import MedsegError
+
+    scan = scan_layer_of(viewer, layer)
+    if scan is None:
+        raise MedsegError(f"no image layer of the same grid to submit with '{layer.name}'")
+    return (np.asarray(scan.data), layer_geometry(scan), np.array(layer.data, copy=True), original_prediction(layer),
+            medseg_meta(layer).get("model", ""))
+
+
+def segmentation_layers(volume) -> list:
+    """Labels layers for the DICOM SEG objects that reference a DICOM volume's series."""
+    from ..core.dicom import segmentations_of
+
+    return [labels_layer_data(labels, volume, f"{volume.name} {name}", names)
+            for name, labels, names in segmentations_of(volume)]
 
 
 def world_affine_from_meta(meta: dict) -> np.ndarray:
@@ -155,3 +225,13 @@ def world_affine_from_meta(meta: dict) -> np.ndarray:
     extra = meta.get("affine")
     extra = np.eye(ndim + 1) if extra is None else np.asarray(getattr(extra, "affine_matrix", extra))
     return extra @ physical
+
+
+def scan_image_of(layer):
+    """An image layer as the core's :class:`~napari_medseg.core.predict.ScanImage` (voxels, geometry,
+    and what its metadata knows of the modality and body part)."""
+    from ..core.predict import ScanImage
+
+    info = medseg_meta(layer)
+    return ScanImage(np.asarray(layer.data), layer_geometry(layer), layer.name, info.get("modality", "unknown"),
+                     info.get("modality_guessed", True), info.get("body_part"))

@@ -14,8 +14,8 @@ from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
 
 from .._layers import label_features, make_metadata, volume_to_layer_data
-from ..core import autosave
-from ..core.errors import MedsegError
+from ...core import autosave
+from ...core.errors import MedsegError
 
 COLUMNS = ("last autosave", "edited voxels", "scan", "state", "id")
 
@@ -30,7 +30,7 @@ class RecoverWidget(Container):
     """List autosaved edits and put one back on its scan."""
 
     def __init__(self, napari_viewer):
-        super().__init__()
+        super().__init__(scrollable=True)  # taller than a laptop screen: it scrolls inside its dock
         self.viewer = napari_viewer
         from .._autosave import install
 
@@ -38,7 +38,8 @@ class RecoverWidget(Container):
         self.root = self._autosave.root
         self.sessions: list = []
         self._info = Label(value="")
-        self._all = CheckBox(text="Also show discarded and recovered autosaves", value=False)
+        self._all = CheckBox(text="Also show discarded and recovered autosaves", value=False,
+                             tooltip="List the autosaves already settled, too")
         self._table = Table(value={"data": [], "index": [], "columns": list(COLUMNS)})
         self._restore = PushButton(text="Restore the selected edits")
         self._refresh = PushButton(text="Refresh")
@@ -69,21 +70,17 @@ class RecoverWidget(Container):
                     return layer
         return None
 
-    def _open_scan(self, session: autosave.Recoverable, scan_path: str | None):
+    def _read_scan(self, scan_path: str | None):
+        """The scan file the user points to (asked for when None): ``(volume, path)`` or None."""
         from qtpy.QtWidgets import QFileDialog
 
-        from ..core.io import read_volume
+        from ...core.io import read_volume
 
         if scan_path is None:
             scan_path, _ = QFileDialog.getOpenFileName(self.native, "Open the scan these edits belong to")
             if not scan_path:
                 return None
-        volume = read_volume(scan_path)
-        data, kwargs, _kind = volume_to_layer_data(volume, source_path=scan_path)
-        if session.scan.get("sha256") and autosave.scan_identity(np.asarray(data), None)["sha256"] != \
-                session.scan["sha256"]:
-            raise MedsegError(f"'{volume.name}' is not the scan these edits were made on (its voxels differ)")
-        return self.viewer.add_image(data, **kwargs)
+        return read_volume(scan_path), scan_path
 
     def restore(self, row: int | None = None, scan_path: str | None = None):
         """Put the chosen autosave on its scan as a new labels layer; returns the layer."""
@@ -93,27 +90,29 @@ class RecoverWidget(Container):
             return None
         session = self.sessions[row]
         try:
-            mask, meta = autosave.load_session(session.folder)
             scan = self._matching_scan(session) if scan_path is None else None
-            if scan is None:
-                scan = self._open_scan(session, scan_path)
-                if scan is None:
+            if scan is not None:
+                recovered = autosave.recover_session(self.root, session, scan=np.asarray(scan.data))
+            else:
+                opened = self._read_scan(scan_path)
+                if opened is None:
                     return None
+                data, kwargs, _kind = volume_to_layer_data(opened[0], source_path=opened[1])
+                recovered = autosave.recover_session(self.root, session, scan=np.asarray(data))
+                scan = self.viewer.add_image(data, **kwargs)
         except (MedsegError, OSError) as exc:
             show_error(f"napari-medseg: {exc}")
             return None
-        geometry = autosave.session_geometry(meta)
-        names = {int(k): v for k, v in (meta.get("label_names") or {}).items()}
-        values = {"segmentation_of": scan.name, "edited": True, "model": meta.get("model", ""),
+        geometry, names = recovered.geometry, recovered.label_names
+        values = {"segmentation_of": scan.name, "edited": True, "model": recovered.model,
                   "label_names": {str(k): v for k, v in names.items()}, "recovered_from": session.id}
         if geometry is not None:
             values["geometry"] = geometry.to_dict()
         metadata = make_metadata(**values)
         stamp = session.updated.replace("T", " ")[:16]
-        layer = self.viewer.add_labels(mask, name=f"{scan.name} recovered {stamp}", affine=scan.affine.affine_matrix,
+        layer = self.viewer.add_labels(recovered.mask, name=f"{scan.name} recovered {stamp}", affine=scan.affine.affine_matrix,
                                        metadata=metadata, opacity=0.5,
                                        **({"features": label_features(names)} if names else {}))
-        autosave.mark_state(session.folder, "recovered")  # kept until the next clean close
         show_info(f"napari-medseg: restored {session.edited_voxels} edited voxels on '{scan.name}'")
         self.refresh()
         return layer

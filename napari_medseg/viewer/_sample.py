@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib.resources import files
 
 from ._layers import volume_to_layer_data
-from .core.io import read_volume
+from ..core.io import read_volume
 
 
 def sample_path() -> str:

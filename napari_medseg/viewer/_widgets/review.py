@@ -10,7 +10,6 @@ being reviewed is kept in the workspace, so the widget reopens it after a restar
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,11 @@ from napari.utils.notifications import show_error, show_info, show_warning
 
 from .._layers import make_metadata, remember_prediction, volume_to_layer_data
 from .._worker import BackgroundTask
-from ..core.errors import MedsegError
-from ..core.worklist import ORDERS, Worklist, load_worklist_model, predict_case, read_case, run_worklist
-from ..core.workspace import Workspace
+from .._workspace import set_workspace_folder, workspace_folder
+from ...core.errors import MedsegError
+from ...core import worklist as worklist_core
+from ...core.worklist import ORDERS, OpenedCase, Worklist, load_worklist_model, run_worklist
+from ...core.workspace import Workspace, submit_correction
 
 COLUMNS = ("case", "status", "model", "uncertainty", "volumes (mL)", "reviewer")
 CURRENT_KEY = "worklist_current"
@@ -29,63 +30,33 @@ ORDER_KEY = "worklist_order"
 KEYS = {"next": "Alt-Right", "previous": "Alt-Left", "accept": "Alt-A"}
 
 
-@dataclass
-class LoadedCase:
-    """Everything needed to show a case, read off the GUI thread."""
-
-    case: object
-    volume: object
-    labels: np.ndarray
-    prediction: np.ndarray
-    uncertainty: np.ndarray
-
-
-def load_case(folder, case_id: str, model_spec=None, progress=None) -> LoadedCase:
-    """Read a case's scan and stored results; predict (and store) it first if it is still new.
-
-    Opens its own connection to the workspace, so it may run in any thread.
-    """
-    workspace = Workspace(folder, create=False)
-    try:
-        worklist = Worklist(workspace)
-        case = worklist.case(case_id)
-        if case.status in ("failed", "skipped") and not case.files:
-            raise MedsegError(f"case '{case.name}' has no prediction ({case.status}: {case.reason or 'no reason'})")
-        volume = read_case(case)
-        if not case.files:
-            if progress:
-                progress(0.1, f"predicting {case.name}")
-            case = worklist.store_result(case, predict_case(volume, load_worklist_model(workspace, model_spec)))
-        stored = worklist.load_result(case)
-        return LoadedCase(case, volume, stored["labels"], stored["prediction"], stored["uncertainty"])
-    finally:
-        workspace.close()
-
-
 class ReviewWidget(Container):
     """Review the worklist: next/previous, Accept, Submit correction, Skip."""
 
     def __init__(self, napari_viewer):
-        super().__init__()
+        super().__init__(scrollable=True)  # taller than a laptop screen: it scrolls inside its dock
         self.viewer = napari_viewer
         self.task: BackgroundTask | None = None
-        self.current: LoadedCase | None = None
+        self.current: OpenedCase | None = None
         self.layers: dict = {}
         self._prefetched: dict = {}
         self._prefetch_lock = threading.Lock()
         self._prefetch_thread: threading.Thread | None = None
         self._prefetch_target: str | None = None
-        self._workspace = FileEdit(label="Workspace", mode="d", value=str(Workspace.default().folder))
-        self._add = FileEdit(label="Add scans", mode="d", value="")
+        self._workspace = FileEdit(label="Workspace", mode="d", value=str(workspace_folder(napari_viewer)),
+                                   tooltip="The workspace folder that holds the worklist")
+        self._add = FileEdit(label="Add scans", mode="d", value="",
+                             tooltip="A folder of scans to add to the worklist (searched with its subfolders)")
         self._run = PushButton(text="Predict every new case")
-        self._order = ComboBox(label="Order", choices=list(ORDERS), value="uncertainty")
-        self._reviewer = LineEdit(label="Reviewer", value="")
+        self._order = ComboBox(label="Order", choices=list(ORDERS), value="uncertainty",
+                               tooltip="Most doubtful first, by name, or newest first")
+        self._reviewer = LineEdit(label="Reviewer", value="", tooltip="Your name, stored with each decision")
         self._table = Table(value={"data": [], "index": [], "columns": list(COLUMNS)})
         self._previous = PushButton(text=f"Previous ({KEYS['previous']})")
         self._next = PushButton(text=f"Next ({KEYS['next']})")
         self._accept = PushButton(text=f"Accept ({KEYS['accept']})")
         self._submit = PushButton(text="Submit correction")
-        self._reason = LineEdit(label="Skip reason", value="")
+        self._reason = LineEdit(label="Skip reason", value="", tooltip="Why the case is skipped (needed to skip)")
         self._skip = PushButton(text="Skip")
         self._status = Label(value="")
         self.extend([self._workspace, self._add, self._run, self._order, self._reviewer, self._table,
@@ -123,6 +94,7 @@ class ReviewWidget(Container):
 
     def _workspace_changed(self) -> None:
         """Show the worklist and reopen the case the reviewer stopped at."""
+        set_workspace_folder(self.viewer, self.folder)
         try:
             workspace, _ = self._open()
         except MedsegError as exc:
@@ -231,7 +203,7 @@ class ReviewWidget(Container):
 
     def open_case(self, case_id: str) -> bool:
         """Open a case (asking first about unsaved edits of the current one); False if it did not open."""
-        if self.current is not None and self.current.case.id != case_id and not self._settle_current():
+        if self.current is not None and self.current.case.id != case_id and not self._settle_current(case_id):
             return False
         loaded = self._take_prefetched(case_id)
         if loaded is not None:
@@ -243,7 +215,7 @@ class ReviewWidget(Container):
         self.task = BackgroundTask(self._load_or_await, case_id, description="Opening the case", on_done=self._show)
         return True
 
-    def _load_or_await(self, case_id: str, progress=None) -> LoadedCase:
+    def _load_or_await(self, case_id: str, progress=None) -> OpenedCase:
         """Worker body: the case being read ahead is awaited, never read (or predicted) twice."""
         thread = self._prefetch_thread
         if thread is not None and thread.is_alive() and self._prefetch_target == case_id:
@@ -251,12 +223,12 @@ class ReviewWidget(Container):
             loaded = self._take_prefetched(case_id)
             if loaded is not None:
                 return loaded
-        return load_case(str(self.folder), case_id, progress=progress)
+        return worklist_core.open_case(str(self.folder), case_id, progress=progress)
 
-    def _settle_current(self) -> bool:
+    def _settle_current(self, case_id: str) -> bool:
         """Submit, save or discard the current case's unsaved edits; False on Cancel."""
         from .._autosave import is_edited
-        from ._dialogs import ask
+        from .._dialogs import ask
 
         layer = self.layers.get("labels")
         if layer is None or layer not in self.viewer.layers or not is_edited(layer):
@@ -267,13 +239,14 @@ class ReviewWidget(Container):
                      ("Submit", "Save", "Discard", "Cancel"), default="Submit", escape="Cancel")
         if answer == "Cancel":
             return False
-        if answer == "Submit":
-            return self._submit_now(advance=False)
+        if answer == "Submit":  # the case opens once the submission is stored
+            self._submit_now(advance=False, then=lambda: self.open_case(case_id))
+            return False
         if answer == "Save":
             return self._save_reviewed()
         return True
 
-    def _show(self, loaded: LoadedCase) -> None:
+    def _show(self, loaded: OpenedCase) -> None:
         from .._autosave import mark_clean
 
         case, volume = loaded.case, loaded.volume
@@ -315,7 +288,7 @@ class ReviewWidget(Container):
             show_warning(f"napari-medseg: {case.name}: {message}")
         self._start_prefetch()
 
-    def _replace_data(self, data, kwargs, loaded: LoadedCase, label_kwargs: dict, map_kwargs: dict) -> None:
+    def _replace_data(self, data, kwargs, loaded: OpenedCase, label_kwargs: dict, map_kwargs: dict) -> None:
         scan, labels, uncertainty = self.layers["scan"], self.layers["labels"], self.layers["uncertainty"]
         reframe = tuple(scan.data.shape) != tuple(data.shape) or not np.allclose(scan.affine.affine_matrix,
                                                                                   kwargs["affine"])
@@ -356,7 +329,7 @@ class ReviewWidget(Container):
 
         def work():
             try:
-                loaded = load_case(folder, target)
+                loaded = worklist_core.open_case(folder, target)
             except MedsegError as exc:
                 loaded = exc
             except Exception as exc:  # noqa: BLE001 - shown when the case is opened
@@ -373,7 +346,7 @@ class ReviewWidget(Container):
             thread.join(timeout)
         return thread is None or not thread.is_alive()
 
-    def _take_prefetched(self, case_id: str) -> LoadedCase | None:
+    def _take_prefetched(self, case_id: str) -> OpenedCase | None:
         with self._prefetch_lock:
             loaded = self._prefetched.pop(case_id, None)
         if isinstance(loaded, MedsegError):
@@ -442,29 +415,37 @@ class ReviewWidget(Container):
     def submit(self) -> bool:
         return self._submit_now(advance=True)
 
-    def _submit_now(self, advance: bool) -> bool:
-        """Submit the corrected mask into the queue (de-identified) and mark the case corrected."""
+    def _submit_now(self, advance: bool, then=None) -> bool:
+        """Submit the corrected mask into the queue (de-identified, off the GUI thread) and mark
+        the case corrected; then open the next case (``advance``) or call ``then``."""
         if self.current is None:
             show_info("napari-medseg: open a case first")
             return False
+        if self.task is not None and self.task.running:
+            show_info("napari-medseg: the worklist is busy; try again when it is done")
+            return False
+        loaded = self.current
+        labels = np.array(self._labels_now(), copy=True)
+        self.task = BackgroundTask(
+            submit_correction, str(self.folder), loaded.volume.layer_data(), loaded.volume.geometry, labels,
+            loaded.prediction, model=loaded.case.model, reviewer=self._reviewer.value.strip(),
+            origin=f"worklist:{loaded.case.id}", description=f"Submit {loaded.case.name}",
+            on_done=lambda item: self._submitted(loaded, item, advance, then))
+        return True
+
+    def _submitted(self, loaded: OpenedCase, item, advance: bool, then) -> None:
         from .._autosave import mark_clean
 
-        loaded = self.current
-        workspace, _ = self._open()
-        try:
-            item = workspace.submit(loaded.volume.layer_data(), loaded.volume.geometry, self._labels_now(),
-                                    loaded.prediction, model=loaded.case.model,
-                                    reviewer=self._reviewer.value.strip(), origin=f"worklist:{loaded.case.id}")
-        except MedsegError as exc:
-            show_error(f"napari-medseg: {exc}")
-            return False
-        finally:
-            workspace.close()
+        if self.current is not loaded:
+            return
         self._save_reviewed()
         self._set_status("corrected", item=item.id)
         mark_clean(self.layers["labels"], "submitted")
         show_info(f"napari-medseg: '{loaded.case.name}' submitted as item {item.id[:12]}")
-        return self._advance() if advance else True
+        if advance:
+            self._advance()
+        elif then is not None:
+            then()
 
     def _advance(self) -> bool:
         self.refresh()
@@ -478,7 +459,7 @@ class ReviewWidget(Container):
 def _label_colormap(values: list):
     from napari.utils.colormaps import DirectLabelColormap
 
-    from ..core.training import default_color
+    from ...core.training import default_color
 
     colors = {value: default_color(value) for value in values}
     colors[None] = (0, 0, 0, 0)

@@ -9,32 +9,22 @@ from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info, show_warning
 
-from .._layers import geometry_of, make_metadata, medseg_meta, viewer_warnings, volume_to_layer_data, world_affine_from_meta
+from .._layers import (layer_geometry, make_metadata, medseg_meta, segmentation_layers, viewer_warnings,
+                       volume_to_layer_data, write_layer_mask)
 from .._worker import BackgroundTask, notify_warnings
-from ..core.dicom import describe_series
-from ..core.errors import MultipleSeriesError, MultiVolumeError
-from ..core.geometry import ScanGeometry
-from ..core.io import read_volume, write_mask
-from ..core.windowing import PRESET_NAMES, preset_limits
+from ...core.dicom import describe_series
+from ...core.errors import MultipleSeriesError, MultiVolumeError
+from ...core.io import read_volume
+from ...core.windowing import PRESET_NAMES, preset_limits
 
 SCAN_FILTER = "Scans (*.nii *.nii.gz *.nrrd *.nhdr *.mha *.mhd *.dcm)"
-
-
-def layer_geometry(layer) -> ScanGeometry:
-    """The recorded scan geometry, or one derived from the layer's own transform."""
-    geometry = geometry_of(layer)
-    if geometry is not None:
-        return geometry
-    state = {"scale": layer.scale, "translate": layer.translate, "rotate": layer.rotate,
-             "shear": layer.shear, "affine": layer.affine.affine_matrix}
-    return ScanGeometry.from_world_affine(world_affine_from_meta(state), layer.data.shape)
 
 
 class ScanWidget(Container):
     """Open a scan file or DICOM folder, inspect it, window it and save masks."""
 
     def __init__(self, napari_viewer):
-        super().__init__()
+        super().__init__(scrollable=True)  # taller than a laptop screen: it scrolls inside its dock
         self.viewer = napari_viewer
         from .._autosave import install
 
@@ -43,19 +33,29 @@ class ScanWidget(Container):
         # Set when the last open needs a choice: a 4D file or a multi-series folder.
         self.needs_volume = False
         self.needs_series = False
-        self._file = FileEdit(label="Scan file", mode="r", filter=SCAN_FILTER)
+        # Read by the drop-downs' callables: napari resets a docked widget's choices on every layer change.
+        self._offered = {"series": [], "volumes": []}
+        self._file = FileEdit(label="Scan file", mode="r", filter=SCAN_FILTER,
+                              tooltip="A NIfTI, NRRD, MetaImage or DICOM file to open")
         self._open_file = PushButton(text="Open file")
-        self._folder = FileEdit(label="DICOM folder", mode="d")
+        self._folder = FileEdit(label="DICOM folder", mode="d",
+                                tooltip="A folder of DICOM files, as PACS exports it (searched with its subfolders)")
         self._open_folder = PushButton(text="Open folder")
-        self._series = ComboBox(label="Series", choices=[], visible=False)
-        self._volume = ComboBox(label="Volume", choices=[], visible=False)
+        self._series = ComboBox(label="Series", choices=lambda _w=None: self._offered["series"], visible=False,
+                                tooltip="The DICOM series to open from a folder that holds several")
+        self._volume = ComboBox(label="Volume", choices=lambda _w=None: self._offered["volumes"], visible=False,
+                                tooltip="The volume to open from a 4D file or a multi-volume series (echo, time point)")
         self._cancel = PushButton(text="Cancel", enabled=False)
-        self._scan = ComboBox(label="Scan layer", choices=self._scan_layers)
+        self._scan = ComboBox(label="Scan layer", choices=self._scan_layers,
+                              tooltip="The open scan whose geometry is shown and windowed")
         self._info = Label(value="No scan open.")
-        self._preset = ComboBox(label="Window", choices=("(keep)",) + PRESET_NAMES, value="(keep)")
+        self._preset = ComboBox(label="Window", choices=("(keep)",) + PRESET_NAMES, value="(keep)",
+                                tooltip="Window/level preset (CT presets in Hounsfield units)")
         self._new_mask = PushButton(text="New mask for this scan")
-        self._mask = ComboBox(label="Mask layer", choices=self._mask_layers)
-        self._save_path = FileEdit(label="Save mask as", mode="w", filter="Masks (*.nii.gz *.nii *.nrrd *.mha)")
+        self._mask = ComboBox(label="Mask layer", choices=self._mask_layers,
+                              tooltip="The labels layer Save mask writes")
+        self._save_path = FileEdit(label="Save mask as", mode="w", filter="Masks (*.nii.gz *.nii *.nrrd *.mha)",
+                                   tooltip="Where to write the mask, in its scan's geometry (.nii.gz, .nii, .nrrd, .mha)")
         self._save = PushButton(text="Save mask")
         self.extend([self._file, self._open_file, self._folder, self._open_folder, self._series,
                      self._volume, self._cancel, self._scan, self._info, self._preset,
@@ -122,12 +122,13 @@ class ScanWidget(Container):
     def _open_failed(self, exc) -> None:
         if isinstance(exc, MultiVolumeError):
             # The distinguishing value of each volume is shown (for example "echo 2, TE 20 ms").
-            self._volume.choices = [(f"{n}: {label}", n) for n, label in enumerate(exc.labels)]
+            self._offered["volumes"] = [(f"{n}: {label}", n) for n, label in enumerate(exc.labels)]
+            self._volume.reset_choices()
             self._offer_choices(volume=True, series=self.needs_series)
             show_info("napari-medseg: pick a volume and press Open again")
         elif isinstance(exc, MultipleSeriesError):
-            self._series.choices = [(describe_series(s), s["uid"]) for s in exc.series
-                                    if not s["segmentation"]]
+            self._offered["series"] = [(describe_series(s), s["uid"]) for s in exc.series if not s["segmentation"]]
+            self._series.reset_choices()
             self._offer_choices(volume=False, series=True)
             show_info("napari-medseg: pick a series and press Open folder again")
 
@@ -194,23 +195,28 @@ class ScanWidget(Container):
         if path is None or str(path) in ("", "."):
             show_warning("napari-medseg: choose where to save the mask")
             return None
-        geometry = layer_geometry(layer)
-        data = np.asarray(layer.data)
+        data = np.array(layer.data, copy=True)
+        meta = layer.as_layer_data_tuple()[1]
         self.task = BackgroundTask(
-            _write_in_background, path, data, geometry, description=f"Saving {Path(path).name}",
-            on_done=lambda written: show_info(f"napari-medseg: saved {Path(written).name}"),
+            _write_in_background, path, data, meta, description=f"Saving {Path(path).name}",
+            on_done=lambda written: self._saved(layer, written),
         )
         return self.task
+
+    def _saved(self, layer, written) -> None:
+        from .._autosave import mark_clean
+
+        mark_clean(layer, "saved")
+        show_info(f"napari-medseg: saved {Path(written).name}")
 
 
 def open_scan(path, progress=None, **options):
     """Worker body: the volume, and the DICOM SEG objects that reference its series as labels layers."""
-    from .._reader import segmentation_layers
-
     volume = read_volume(path, progress=progress, **options)
     return volume, segmentation_layers(volume)
 
 
-def _write_in_background(path, data, geometry, progress):
+def _write_in_background(path, data, meta, progress):
+    """Worker body: the same checks and writing as napari's File > Save (the plugin's writer)."""
     progress(0.1, "writing")
-    return write_mask(path, data, geometry)
+    return write_layer_mask(path, data, meta)

@@ -36,7 +36,8 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QHBoxLayout, QLab
                             QVBoxLayout, QWidget)
 
 from .._layers import geometry_of, medseg_meta
-from ..core.windowing import CT_PRESETS, MR_AUTO, PRESET_NAMES, preset_limits
+from .._window import fit_to_screen, tabify_with_plugin_docks
+from ...core.windowing import CT_PRESETS, MR_AUTO, PRESET_NAMES, preset_limits
 
 # world axes are (S, P, L): a plane is (dims order, camera (vertical, horizontal), edge letters
 # (left, right, top, bottom)) in the radiological convention.
@@ -73,7 +74,7 @@ def plane_setup(plane: str, convention: str = "radiological") -> tuple:
 
 
 def layout_settings_path():
-    from ..core.models import user_home
+    from ...core.models import user_home
 
     return user_home() / "reading_layout.json"
 
@@ -247,11 +248,16 @@ class ReadingLayout(QWidget):
         self._coordinates.addItems(("RAS", "LPS"))
         self._coordinates.setCurrentText(self.coordinates)
         self._coordinates.currentTextChanged.connect(self._set_coordinates)
+        self._convention.setToolTip("Display convention: radiological (patient's left on the screen's right) "
+                                    "or neurological")
+        self._coordinates.setToolTip("Coordinates of the readout: RAS or LPS millimetres")
         self._show_3d = QCheckBox("3D view")
         self._show_3d.toggled.connect(self.set_3d)
+        self._show_3d.setToolTip("Add a 3D view of the scan and its masks")
         self._by_default = QCheckBox("Open for every scan")
         self._by_default.setChecked(bool(settings["open_by_default"]))
         self._by_default.toggled.connect(lambda on: save_layout_settings(open_by_default=bool(on)))
+        self._by_default.setToolTip("Open this layout with every scan opened")
         for widget in (self._convention, self._coordinates, self._show_3d, self._by_default):
             row.addWidget(widget)
         layout.addLayout(row)
@@ -697,7 +703,10 @@ def open_reading_layout(viewer, show_3d: bool = False) -> ReadingLayout:
     layout = _layouts.get(viewer)
     if layout is None:
         layout = ReadingLayout(viewer, show_3d=show_3d)
-        viewer.window.add_dock_widget(layout, name="Reading layout", area="right")
+        dock = viewer.window.add_dock_widget(layout, name="Reading layout", area="right")
+        # One column of tabs: stacked under the other docks, the three views got 200 px each.
+        tabify_with_plugin_docks(viewer, dock)
+        fit_to_screen(viewer)
     return layout
 
 

@@ -9,13 +9,14 @@ from magicgui.widgets import ComboBox, Container, FloatSlider, Label, PushButton
 from napari.layers import Image, Labels, Points, Shapes
 from napari.utils.notifications import show_error, show_info
 
-from .._layers import make_metadata, medseg_meta
+from .._layers import layer_geometry, make_metadata, medseg_meta
 from .._worker import BackgroundTask
-from ..core.defaults import DEVICES
-from ..core.explain import METHODS, explain, region_mask, uncertain_regions
-from ..core.inference import InferenceSettings
-from ..core.models import ModelRegistry, peek_card
-from .scan import layer_geometry
+from .._workspace import workspace_events
+from ._models import model_choices_of, select_default_model
+from ...core.defaults import DEVICE_HELP, DEVICES
+from ...core.explain import METHODS, explain, region_mask, uncertain_regions
+from ...core.inference import InferenceSettings
+from ...core.models import ModelRegistry, peek_card
 
 COLORMAPS = {"attention": "inferno", "gradcam": "turbo", "entropy": "inferno", "tta": "inferno",
              "activation": "turbo"}
@@ -36,35 +37,47 @@ class ExplainWidget(Container):
     doubtful regions are listed (a click moves the viewer there)."""
 
     def __init__(self, napari_viewer):
-        super().__init__()
+        super().__init__(scrollable=True)  # taller than a laptop screen: it scrolls inside its dock
         self.viewer = napari_viewer
         from .._autosave import install
 
         install(napari_viewer)  # edits in this viewer are autosaved
         self.task: BackgroundTask | None = None
         self.registry = ModelRegistry()
+        # What the chosen model's card offers. The drop-downs read it through callables, since
+        # napari resets every choice of a docked widget whenever a layer is added or removed.
+        self._offered = {"methods": list(METHODS), "targets": [], "layers": {"attention": [], "other": []}}
         self.regions: list = []
         self.last_layer = None
-        self._image = ComboBox(label="Image", choices=self._image_layers)
-        self._model = ComboBox(label="Model", choices=self._model_choices)
-        self._method = ComboBox(label="Method", choices=list(METHODS), value="entropy")
-        self._target = ComboBox(label="Class", choices=[])
-        self._layer = ComboBox(label="Layer", choices=[])
-        self._channel = SpinBox(label="Channel", min=0, max=1023, value=0)
-        self._region_kind = ComboBox(label="Region", choices=list(REGION_CHOICES), value=REGION_CHOICES[0])
-        self._region_layer = ComboBox(label="Region layer", choices=self._region_layers)
-        self._part = SpinBox(label="Part (1 = largest)", min=1, max=10000, value=1)
-        self._device = ComboBox(label="Device", choices=list(DEVICES), value="auto")
+        self._image = ComboBox(label="Image", choices=self._image_layers, tooltip="The 3D scan to explain")
+        self._model = ComboBox(label="Model", choices=self._model_choices,
+                               tooltip="The model to explain: the workspace's versions first, then your installed models")
+        self._method = ComboBox(label="Method", choices=self._method_choices, value="entropy",
+                                tooltip="What to map: attention gates, Grad-CAM, entropy, TTA variance or a layer's activation")
+        self._target = ComboBox(label="Class", choices=self._target_choices, tooltip="Grad-CAM's target class (from the model card)")
+        self._layer = ComboBox(label="Layer", choices=self._layer_choices, tooltip="The network layer to map (the default is listed first)")
+        self._channel = SpinBox(label="Channel", min=0, max=1023, value=0, tooltip="The activation's channel (0-based)")
+        self._region_kind = ComboBox(label="Region", choices=list(REGION_CHOICES), value=REGION_CHOICES[0],
+                                     tooltip="Where Grad-CAM's target lies")
+        self._region_layer = ComboBox(label="Region layer", choices=self._region_layers,
+                                      tooltip="The layer that holds the region (labels, shapes or points)")
+        self._part = SpinBox(label="Part (1 = largest)", min=1, max=10000, value=1,
+                             tooltip="Which connected part of the label, largest first")
+        self._device = ComboBox(label="Device", choices=list(DEVICES), value="auto", tooltip=DEVICE_HELP)
         self._run = PushButton(text="Run")
         self._cancel = PushButton(text="Cancel", enabled=False)
-        self._opacity = FloatSlider(label="Opacity", min=0.0, max=1.0, step=0.05, value=0.6)
+        self._opacity = FloatSlider(label="Opacity", min=0.0, max=1.0, step=0.05, value=0.6,
+                                    tooltip="Opacity of the map over the scan (0-1)")
         self._legend = Label(value="")
-        self._order = ComboBox(label="Order regions by", choices=["size", "mean uncertainty"], value="size")
+        self._order = ComboBox(label="Order regions by", choices=["size", "mean uncertainty"], value="size",
+                               tooltip="How the doubtful regions are listed")
         self._regions = Table(value={"data": [], "index": [], "columns": list(REGION_COLUMNS)})
         self._regions.native.setMinimumHeight(180)
         self.extend([self._image, self._model, self._method, self._target, self._layer, self._channel,
                      self._region_kind, self._region_layer, self._part, self._device, self._run, self._cancel,
                      self._opacity, self._legend, self._order, self._regions])
+        select_default_model(self._model, napari_viewer)
+        workspace_events.changed.connect(self._workspace_changed)
         self._model.changed.connect(self._model_changed)
         self._method.changed.connect(self._method_changed)
         self._region_kind.changed.connect(self._method_changed)
@@ -86,32 +99,48 @@ class ExplainWidget(Container):
         return [layer for layer in self.viewer.layers if isinstance(layer, (Labels, Shapes, Points))]
 
     def _model_choices(self, _widget=None):
-        return [(f"{e.name} {e.version} ({e.source})" + (" *" if e.current else ""), str(e.path))
-                for e in self.registry.entries()]
+        return model_choices_of(self.viewer)[0]
+
+    def _workspace_changed(self, viewer) -> None:
+        if viewer is self.viewer:
+            select_default_model(self._model, self.viewer)
+
+    def _method_choices(self, _widget=None):
+        return self._offered["methods"]
+
+    def _target_choices(self, _widget=None):
+        return self._offered["targets"]
+
+    def _layer_choices(self, _widget=None):
+        method = self._method.value if hasattr(self, "_method") else None
+        return self._offered["layers"]["attention" if method == "attention" else "other"]
 
     def _model_changed(self, _value=None) -> None:
         card = peek_card(Path(self._model.value)) if self._model.value else None
         if card is None:
             return
-        methods = [m for m in METHODS if m in card.explain]
-        self._method.choices = methods
-        if self._method.value not in methods:
-            self._method.value = "entropy" if "entropy" in methods else methods[0]
-        self._target.choices = [(name, value) for value, name in card.label_names.items() if value]
-        from ..core.explain import default_layer, layer_names
-        from ..core.network import build_network
+        from ...core.explain import default_layer, layer_names
+        from ...core.network import build_network
 
         network = build_network(card.network.architecture, card.network.hparams)
         gates = [f"gates.{i}" for i in range(len(getattr(network, "gates", [])))]
-        self._layers = {"attention": ["all gates"] + gates,
-                        "other": [default_layer(network)] + [n for n in layer_names(network)
-                                                             if n != default_layer(network)]}
+        default = default_layer(network)
+        self._offered = {
+            "methods": [m for m in METHODS if m in card.explain],
+            "targets": [(name, value) for value, name in card.label_names.items() if value],
+            "layers": {"attention": ["all gates"] + gates,
+                       "other": [default] + [n for n in layer_names(network) if n != default]},
+        }
+        methods = self._offered["methods"]
+        self._method.reset_choices()
+        if self._method.value not in methods:
+            self._method.value = "entropy" if "entropy" in methods else methods[0]
+        self._target.reset_choices()
         self._method_changed()
 
     def _method_changed(self, _value=None) -> None:
         method = self._method.value
-        layers = getattr(self, "_layers", {"attention": [], "other": []})
-        self._layer.choices = layers["attention"] if method == "attention" else layers["other"]
+        self._layer.reset_choices()
         self._layer.visible = method in ("attention", "gradcam", "activation")
         self._channel.visible = method == "activation"
         self._target.visible = self._region_kind.visible = method == "gradcam"

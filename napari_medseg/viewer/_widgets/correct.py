@@ -9,7 +9,6 @@ crash there cannot take napari down; its progress and loss are shown here.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -19,70 +18,58 @@ from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 
-from .._layers import geometry_of, medseg_meta, original_prediction, remember_prediction, scan_layer_of
+from .._layers import (correction_parts, layer_geometry, original_prediction, prediction_events,
+                       remember_prediction)
 from .._worker import BackgroundTask
-from ..core import editing
-from ..core.metrics import dice
-from ..core.workspace import Workspace
-from .scan import layer_geometry
+from .._workspace import models_changed, set_workspace_folder, workspace_folder
+from ...core import editing
+from ...core.defaults import FINETUNE_STEPS
+from ...core.metrics import dice
+from ...core.progress import read_progress_line
+from ...core.workspace import Workspace, submit_correction
 
 AXES = {"axial (S-I)": 0, "coronal (P-A)": 1, "sagittal (L-R)": 2}
 QUEUE_COLUMNS = ("id", "created", "status", "split", "reviewer", "edited voxels")
 VERSION_COLUMNS = ("version", "status", "validation Dice", "in use", "why")
 
 
-def submit_correction(workspace_folder, scan, geometry, label, prediction, model, reviewer, note, progress=None):
-    """Worker body: store one correction; returns the stored item."""
-    progress(0.1, "storing the correction")
-    workspace = Workspace(workspace_folder)
-    try:
-        return workspace.submit(scan, geometry, label, prediction, model=model, reviewer=reviewer, note=note)
-    finally:
-        workspace.close()
-
-
-def correction_parts(viewer, layer) -> tuple:
-    """``(scan, geometry, label, prediction, model)`` of a labels layer, for :func:`submit_correction`."""
-    from ..core.errors import MedsegError
-
-    scan = scan_layer_of(viewer, layer)
-    if scan is None:
-        raise MedsegError(f"no image layer of the same grid to submit with '{layer.name}'")
-    geometry = geometry_of(scan) or layer_geometry(scan)
-    return (np.asarray(scan.data), geometry, np.array(layer.data, copy=True), original_prediction(layer),
-            medseg_meta(layer).get("model", ""))
-
-
 class CorrectWidget(Container):
     """Correct a labels layer, submit it, and teach the model from the queue."""
 
     def __init__(self, napari_viewer):
-        super().__init__()
+        super().__init__(scrollable=True)  # taller than a laptop screen: it scrolls inside its dock
         self.viewer = napari_viewer
         self.task: BackgroundTask | None = None
         self.process = None
         self.last_result: dict | None = None
-        self._labels = ComboBox(label="Correction", choices=self._labels_layers)
-        self._value = SpinBox(label="Label value", min=1, max=255, value=1)
-        self._axis = ComboBox(label="Between slices along", choices=list(AXES), value="axial (S-I)")
+        self._labels = ComboBox(label="Correction", choices=self._labels_layers,
+                                tooltip="The labels layer to correct and submit")
+        self._value = SpinBox(label="Label value", min=1, max=255, value=1,
+                              tooltip="The label the helpers work on (1-255)")
+        self._axis = ComboBox(label="Between slices along", choices=list(AXES), value="axial (S-I)",
+                              tooltip="The axis whose painted slices Fill between slices joins")
         self._fill_between = PushButton(text="Fill between slices")
-        self._island_mm3 = FloatSpinBox(label="Smallest island (mm³)", min=0.0, max=1e7, step=10.0, value=100.0)
+        self._island_mm3 = FloatSpinBox(label="Smallest island (mm³)", min=0.0, max=1e7, step=10.0, value=100.0,
+                                        tooltip="Remove islands removes parts smaller than this, in mm³")
         self._islands = PushButton(text="Remove islands")
         self._largest = PushButton(text="Keep the largest part")
         self._holes = PushButton(text="Fill holes")
-        self._grow_mm = FloatSpinBox(label="Grow (+) / shrink (-) mm", min=-50.0, max=50.0, step=0.5, value=1.0)
+        self._grow_mm = FloatSpinBox(label="Grow (+) / shrink (-) mm", min=-50.0, max=50.0, step=0.5, value=1.0,
+                                     tooltip="Margin in mm: positive grows the label, negative shrinks it")
         self._grow = PushButton(text="Grow or shrink")
         self._stats = Label(value="")
-        self._workspace = FileEdit(label="Workspace", mode="d", value=str(Workspace.default().folder))
-        self._reviewer = LineEdit(label="Reviewer", value="")
-        self._note = LineEdit(label="Note", value="")
+        self._workspace = FileEdit(label="Workspace", mode="d", value=str(workspace_folder(napari_viewer)),
+                                   tooltip="The workspace folder that holds the queue and the model versions")
+        self._reviewer = LineEdit(label="Reviewer", value="", tooltip="Your name, stored with each correction")
+        self._note = LineEdit(label="Note", value="", tooltip="A free-text note stored with the correction")
         self._submit = PushButton(text="Submit correction")
         self._queue = Table(value={"data": [], "index": [], "columns": list(QUEUE_COLUMNS)})
         self._refresh = PushButton(text="Refresh queue")
         self._reopen = PushButton(text="Reopen selected item")
-        self._steps = SpinBox(label="Fine-tune steps", min=1, max=100000, value=30)
+        self._steps = SpinBox(label="Fine-tune steps", min=1, max=100000, value=FINETUNE_STEPS,
+                              tooltip="Training steps of one fine-tuning round (one crop each)")
         self._finetune = PushButton(text="Fine-tune in the background")
-        self._progress = ProgressBar(label="Fine-tuning", min=0, max=1000, value=0)
+        self._progress = ProgressBar(label="Fine-tuning", min=0, max=1000, value=0, tooltip="Progress of the fine-tuning run")
         self._train_status = Label(value="")
         self._versions = Table(value={"data": [], "index": [], "columns": list(VERSION_COLUMNS)})
         self._rollback = PushButton(text="Use the selected version")
@@ -106,6 +93,7 @@ class CorrectWidget(Container):
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(lambda _e=None: self._labels.reset_choices())
         self._watched = None
+        prediction_events.recorded.connect(self._prediction_recorded)
         from .._autosave import install
 
         self._autosave = install(napari_viewer)
@@ -126,6 +114,16 @@ class CorrectWidget(Container):
         if self._watched is not None:
             self._watched.events.paint.connect(self._stats_soon)
         self._update_stats()
+
+    def _prediction_recorded(self, layer) -> None:
+        """A prediction just appeared (Segment's Run, a case opened): correct that layer from here."""
+        if layer not in self.viewer.layers:
+            return
+        self._labels.reset_choices()
+        if self._labels.value is layer:
+            self._watch()
+        else:
+            self._labels.value = layer  # calls _watch
 
     def _stats_soon(self, _event=None) -> None:
         # napari emits ``paint`` before a single paint call writes the data: count afterwards.
@@ -151,7 +149,7 @@ class CorrectWidget(Container):
             return 0
         data = np.asarray(layer.data)
         value = int(self._value.value)
-        geometry = geometry_of(layer) or layer_geometry(layer)
+        geometry = layer_geometry(layer)
         spacing = geometry.layer_spacing
         if helper == "fill_between":
             new = editing.fill_between_slices(data, value, AXES[self._axis.value], spacing)
@@ -174,8 +172,7 @@ class CorrectWidget(Container):
         return Path(str(self._workspace.value))
 
     def _workspace_changed(self) -> None:
-        if getattr(self, "_autosave", None) is not None:
-            self._autosave.workspace_folder = self._folder()  # where "Submit" on closing sends edits
+        set_workspace_folder(self.viewer, self._folder())  # Segment and Explain list its versions
         try:
             workspace = Workspace(self._folder())
         except Exception as exc:  # noqa: BLE001 - shown, never raised into Qt
@@ -189,7 +186,7 @@ class CorrectWidget(Container):
         self.refresh()
 
     def submit(self) -> BackgroundTask | None:
-        from ..core.errors import MedsegError
+        from ...core.errors import MedsegError
 
         layer = self._labels.value
         if layer is None:
@@ -203,17 +200,14 @@ class CorrectWidget(Container):
         self._submit.enabled = False
         self._submitting = layer
         # The correction stays open in the viewer whatever happens: a failed submit loses nothing.
+        scan, geometry, label, prediction, model = parts
         self.task = BackgroundTask(
-            submit_correction, self._folder(), *parts, str(self._reviewer.value), str(self._note.value),
+            submit_correction, self._folder(), scan, geometry, label, prediction, model=model,
+            reviewer=str(self._reviewer.value), note=str(self._note.value),
             description=f"Submit {layer.name}", on_done=self._submitted, on_finish=self._submit_finished)
         return self.task
 
     def _submitted(self, item) -> None:
-        workspace = Workspace(self._folder())
-        try:
-            workspace.set_setting("reviewer", str(self._reviewer.value))
-        finally:
-            workspace.close()
         show_info(f"napari-medseg: correction stored as item {item.id[:12]} ({item.split}, "
                   f"{item.edited_voxels} edited voxels)")
         self._note.value = ""
@@ -296,6 +290,7 @@ class CorrectWidget(Container):
             workspace.close()
         show_info(f"napari-medseg: predictions from this workspace now use {version}")
         self.refresh()
+        models_changed(self.viewer)
 
     # -- fine-tuning in its own process --------------------------------------------------------------
     def start_fine_tuning(self):
@@ -322,9 +317,8 @@ class CorrectWidget(Container):
         self._buffer += bytes(self.process.readAllStandardOutput()).decode("utf-8", "replace")
         *lines, self._buffer = self._buffer.split("\n")
         for line in lines:
-            try:
-                message = json.loads(line)
-            except json.JSONDecodeError:
+            message = read_progress_line(line)
+            if message is None:
                 continue
             if "progress" in message:
                 self._progress.value = int(1000 * message["progress"])
@@ -344,3 +338,4 @@ class CorrectWidget(Container):
             self._train_status.value = f"{self.last_result['version']} {verdict}: {self.last_result['reason']}"
             show_info(f"napari-medseg: {self._train_status.value}")
         self.refresh()
+        models_changed(self.viewer)  # Segment and Explain now offer (and select) a promoted version

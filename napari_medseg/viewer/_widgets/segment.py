@@ -18,32 +18,33 @@ from magicgui.widgets import (
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_info, show_warning
 
-from .._layers import make_metadata, medseg_meta, remember_prediction
+from .._layers import make_metadata, medseg_meta, remember_prediction, scan_image_of
 from .._worker import BackgroundTask
-from ..core.defaults import DEFAULT_OVERLAP, DEVICES
-from ..core.domain import scan_problems
-from ..core.errors import MedsegError
-from ..core.inference import InferenceSettings, segment
-from ..core.models import ModelRegistry, peek_card
-from ._dialogs import ask
-from .scan import layer_geometry
+from .._workspace import workspace_events
+from ._models import model_choices_of, select_default_model
+from ...core.defaults import DEFAULT_OVERLAP, DEVICE_HELP, DEVICES
+from ...core.errors import MedsegError
+from ...core.inference import InferenceSettings
+from ...core.models import ModelRegistry, peek_card
+from ...core.predict import predict_scan, scope_problems
+from .._dialogs import ask
 
 MODEL_FILTER = "Models (*.safetensors *.pt *.pth)"
 TABLE_COLUMNS = ("label", "name", "volume (mL)", "voxels", "check")
 
 
-def run_segmentation(image: np.ndarray, layer_affine_ras: np.ndarray, model_spec: str,
-                     settings: InferenceSettings, progress=None):
-    """Worker body: load the model (verified) and segment; returns (model, result)."""
-    model = ModelRegistry().load(model_spec)
-    return model, segment(image, layer_affine_ras, model, settings, progress=progress)
+def run_segmentation(scan, model_spec, settings: InferenceSettings, progress=None):
+    """Worker body: load the model (verified) and segment; returns the core's Prediction.
+
+    The scope was checked (and the user asked) before the run, so it is not refused here."""
+    return predict_scan(scan, model_spec, settings, force=True, progress=progress)
 
 
 class SegmentWidget(Container):
     """Pick an image layer and a model, Run, and get a Labels layer with volumes."""
 
     def __init__(self, napari_viewer):
-        super().__init__()
+        super().__init__(scrollable=True)  # taller than a laptop screen: it scrolls inside its dock
         self.viewer = napari_viewer
         from .._autosave import install
 
@@ -54,21 +55,28 @@ class SegmentWidget(Container):
         # Asked before running a scan the model card says is out of scope; replaceable
         # only so that a workflow can answer it ahead (the worklist asks once per list).
         self.ask = ask
-        self._image = ComboBox(label="Image", choices=self._image_layers)
-        self._model = ComboBox(label="Model", choices=self._model_choices)
-        self._import_path = FileEdit(label="Model file", mode="r", filter=MODEL_FILTER)
+        self._image = ComboBox(label="Image", choices=self._image_layers, tooltip="The 3D scan to segment")
+        self._model = ComboBox(label="Model", choices=self._model_choices,
+                               tooltip="The model to run: the workspace's versions (its promoted one selected), then your "
+                                       "installed models")
+        self._import_path = FileEdit(label="Model file", mode="r", filter=MODEL_FILTER,
+                                     tooltip="A model file (.safetensors, or a weights-only .pt) to verify and import")
         self._import = PushButton(text="Import model file")
-        self._device = ComboBox(label="Device", choices=list(DEVICES), value="auto")
-        self._overlap = FloatSpinBox(label="Overlap", min=0.0, max=0.9, step=0.025)
+        self._device = ComboBox(label="Device", choices=list(DEVICES), value="auto", tooltip=DEVICE_HELP)
+        self._overlap = FloatSpinBox(label="Overlap", min=0.0, max=0.9, step=0.025,
+                                     tooltip="Least overlap of neighbouring windows, as a fraction of the patch (0-0.9)")
         self._overlap.native.setDecimals(3)  # show the engine's default, 0.125, as it is
         self._overlap.value = DEFAULT_OVERLAP
-        self._tta = CheckBox(text="Mirror test-time augmentation (4x slower)", value=False)
+        self._tta = CheckBox(text="Mirror test-time augmentation (4x slower)", value=False,
+                             tooltip="Average the prediction over mirrored copies of the scan")
         self._run = PushButton(text="Run")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._status = Label(value="")
         self._table = Table(value={"data": [], "index": [], "columns": list(TABLE_COLUMNS)})
         self.extend([self._image, self._model, self._import_path, self._import, self._device,
                      self._overlap, self._tta, self._run, self._cancel, self._status, self._table])
+        select_default_model(self._model, napari_viewer)
+        workspace_events.changed.connect(self._workspace_changed)
         self._run.changed.connect(self.run)
         self._cancel.changed.connect(self.cancel)
         self._import.changed.connect(lambda: self.import_model(self._import_path.value))
@@ -80,11 +88,12 @@ class SegmentWidget(Container):
         return [layer for layer in self.viewer.layers if isinstance(layer, Image) and layer.ndim == 3]
 
     def _model_choices(self, _widget=None):
-        choices = []
-        for entry in self.registry.entries():
-            label = f"{entry.name} {entry.version} ({entry.source})" + (" *" if entry.current else "")
-            choices.append((label, str(entry.path)))
-        return choices
+        return model_choices_of(self.viewer)[0]
+
+    def _workspace_changed(self, viewer) -> None:
+        """The workspace or its versions changed: list them, and select the promoted one."""
+        if viewer is self.viewer:
+            select_default_model(self._model, self.viewer)
 
     # -- actions ----------------------------------------------------------------
     def import_model(self, path) -> None:
@@ -113,8 +122,8 @@ class SegmentWidget(Container):
         if self.task is not None and self.task.running:
             show_info("napari-medseg: a segmentation is already running")
             return self.task
-        geometry = layer_geometry(layer)
-        if not self._in_scope(layer, geometry):
+        scan = scan_image_of(layer)
+        if not self._in_scope(scan):
             self._status.value = "not run: the scan is outside the model's scope"
             return None
         settings = InferenceSettings(device=self._device.value, overlap=float(self._overlap.value),
@@ -122,22 +131,18 @@ class SegmentWidget(Container):
         self._run.enabled, self._cancel.enabled = False, True
         self._status.value = "running..."
         self.task = BackgroundTask(
-            run_segmentation, np.asarray(layer.data), geometry.layer_affine_ras, self._model.value, settings,
-            description=f"Segment {layer.name}",
-            on_done=lambda out: self._show_result(layer, geometry, *out),
+            run_segmentation, scan, self._model.value, settings, description=f"Segment {layer.name}",
+            on_done=lambda prediction: self._show_result(layer, scan.geometry, prediction),
             on_finish=self._finished,
         )
         return self.task
 
-    def _in_scope(self, layer, geometry) -> bool:
+    def _in_scope(self, scan) -> bool:
         """Check the scan against the model card; on a mismatch, ask before running."""
         card = peek_card(Path(self._model.value))
         if card is None:
             return True  # the load in the worker reports a broken file
-        info = medseg_meta(layer)
-        problems = scan_problems(np.asarray(layer.data), geometry.layer_spacing, card,
-                                 info.get("modality", "unknown"), info.get("modality_guessed", True),
-                                 info.get("body_part"))
+        problems = scope_problems(scan, card)
         if not problems:
             return True
         answer = self.ask(self.native, "Scan outside the model's scope",
@@ -160,9 +165,10 @@ class SegmentWidget(Container):
     def result_layer_name(self, image_layer, model) -> str:
         return f"{image_layer.name} {model.name}"
 
-    def _show_result(self, image_layer, geometry, model, result) -> None:
+    def _show_result(self, image_layer, geometry, prediction) -> None:
         from napari.utils.colormaps import DirectLabelColormap
 
+        model, result = prediction.model, prediction.segmentation
         name = self.result_layer_name(image_layer, model)
         names = result.label_names
         values = sorted(names)
@@ -181,7 +187,7 @@ class SegmentWidget(Container):
                                  segmentation_of=image_layer.name,
                                  scan_source_path=medseg_meta(image_layer).get("source_path"),
                                  run={k: v for k, v in result.info.items() if k != "warnings"},
-                                 warnings=list(result.warnings))
+                                 warnings=list(prediction.warnings))
         from .._autosave import install, is_edited
 
         manager = install(self.viewer)
@@ -214,9 +220,7 @@ class SegmentWidget(Container):
         self._table.value = {"data": rows, "index": list(range(len(rows))), "columns": list(TABLE_COLUMNS)}
         self._status.value = (f"{model.title} on {result.info['device']}: "
                               f"{result.info['seconds']:.1f} s, {result.info['windows']} windows"
-                              + (f"; {len(result.warnings)} warning(s)" if result.warnings else ""))
-        for message in result.info.get("messages", []):
-            show_info(f"napari-medseg: {message}")
-        for message in result.warnings:
+                              + (f"; {len(prediction.warnings)} warning(s)" if prediction.warnings else ""))
+        for message in prediction.warnings:
             show_warning(f"napari-medseg: {layer.name}: {message}")
         self.last_layer = layer

@@ -32,9 +32,11 @@ from napari.layers import Labels
 from napari.utils.notifications import show_info, show_warning
 from qtpy.QtCore import QEvent, QObject, Signal
 
-from ._layers import geometry_of, medseg_meta, original_prediction, scan_layer_of, update_medseg_meta
-from .core import autosave
-from .core.errors import MedsegError
+from ._workspace import workspace_folder
+from ._layers import (correction_parts, geometry_of, medseg_meta, original_prediction, scan_layer_of,
+                      update_medseg_meta, write_layer_mask)
+from ..core import autosave
+from ..core.errors import MedsegError
 
 log = logging.getLogger(__name__)
 SETTLE_S = 0.3            # wait this long after a change, so one stroke is stored once
@@ -90,7 +92,6 @@ class ViewerAutosave(QObject):
         super().__init__()
         self.viewer_ref = weakref.ref(viewer)
         self.root = Path(root) if root is not None else autosave.default_root()
-        self.workspace_folder: Path = self.root.parent
         self.tracked: dict[int, _Tracked] = {}
         self.closing = False
         self.on_close: list = []   # called once the window is really closing (the reading layout's views)
@@ -262,7 +263,7 @@ class ViewerAutosave(QObject):
 
     def confirm_close(self) -> bool:
         """Ask about unsaved edits before the window closes; False: keep it open."""
-        from ._widgets._dialogs import ask
+        from ._dialogs import ask
 
         pending = self.unsaved()
         if not pending:
@@ -286,7 +287,7 @@ class ViewerAutosave(QObject):
         if answer == "Save":
             return save_layer_interactively(self._parent_widget(), layer)
         if answer == "Submit":
-            return submit_layer_now(self.viewer_ref(), layer, self.workspace_folder)
+            return submit_layer_now(self.viewer_ref(), layer, workspace_folder(self.viewer_ref()))
         return False
 
     def _removed(self, event) -> None:
@@ -306,7 +307,7 @@ class ViewerAutosave(QObject):
         QTimer.singleShot(0, lambda: self._ask_removed(layer, event.index, tracked))
 
     def _ask_removed(self, layer, index: int, tracked: _Tracked) -> None:
-        from ._widgets._dialogs import ask
+        from ._dialogs import ask
 
         window = self._parent_widget()
         if self.closing or window is None or not window.isVisible():
@@ -344,6 +345,9 @@ class ViewerAutosave(QObject):
 
 
 _offered_recovery = False
+# What the first viewer of a process is offered to recover: the Recover widget registers
+# its question here (widgets sit above autosave, which never imports them).
+RECOVERY_OFFERS: list = []
 
 
 def _lower_priority() -> None:
@@ -390,10 +394,9 @@ def install(viewer) -> ViewerAutosave | None:
             _offered_recovery = True
             from qtpy.QtCore import QTimer
 
-            from ._widgets.recover import offer_recovery
-
             viewer_ref = weakref.ref(viewer)
-            QTimer.singleShot(0, lambda: viewer_ref() is not None and offer_recovery(viewer_ref()))
+            for offer in list(RECOVERY_OFFERS):
+                QTimer.singleShot(0, lambda offer=offer: viewer_ref() is not None and offer(viewer_ref()))
     return manager
 
 
@@ -428,30 +431,35 @@ def save_layer_interactively(parent, layer) -> bool:
     """Ask for a file name and save the layer through the plugin's writer; True when written."""
     from qtpy.QtWidgets import QFileDialog
 
-    from ._writer import write_labels
+    from napari.utils.notifications import show_error
 
     path, _ = QFileDialog.getSaveFileName(parent, f"Save '{layer.name}'", f"{layer.name}.nii.gz",
                                           "Masks (*.nii.gz *.nii *.nrrd *.mha)")
     if not path:
         return False
-    return bool(write_labels(path, np.asarray(layer.data), layer.as_layer_data_tuple()[1]))
+    try:
+        write_layer_mask(path, np.asarray(layer.data), layer.as_layer_data_tuple()[1])
+    except MedsegError as exc:
+        show_error(f"napari-medseg: {exc}")
+        return False
+    mark_clean(layer, "saved")
+    return True
 
 
 def submit_layer_now(viewer, layer, folder) -> bool:
     """Submit a layer to the workspace queue right away (when the viewer is closing); True when stored."""
     from napari.utils.notifications import show_error
 
-    from ._widgets.correct import correction_parts, submit_correction
-    from .core.workspace import Workspace
+    from ..core.workspace import Workspace, submit_correction
 
     try:
-        parts = correction_parts(viewer, layer)
+        scan, geometry, label, prediction, model = correction_parts(viewer, layer)
         workspace = Workspace(folder)
         try:
-            reviewer = workspace.setting("reviewer", "")
+            item = submit_correction(workspace, scan, geometry, label, prediction, model=model,
+                                     reviewer=workspace.setting("reviewer", ""))
         finally:
             workspace.close()
-        item = submit_correction(folder, *parts, reviewer, "", progress=lambda *_: None)
     except MedsegError as exc:
         show_error(f"napari-medseg: {exc}")
         return False

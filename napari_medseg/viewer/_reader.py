@@ -10,9 +10,9 @@ import logging
 
 from napari.utils.notifications import show_error, show_warning
 
-from ._layers import labels_layer_data, viewer_warnings, volume_to_layer_data
-from .core import io
-from .core.errors import MedsegError, MultipleSeriesError, MultiVolumeError
+from ._layers import segmentation_layers, viewer_warnings, volume_to_layer_data
+from ..core import io
+from ..core.errors import MedsegError, MultipleSeriesError, MultiVolumeError
 
 log = logging.getLogger(__name__)
 NOTHING_OPENED = [(None,)]  # napari's sentinel for "handled, no layers"
@@ -39,6 +39,7 @@ def read_scan(path):
     try:
         from napari import current_viewer
 
+        from . import _widgets  # noqa: F401 - registers the Recover widget's offer with autosave
         from ._autosave import install
 
         viewer = current_viewer()
@@ -93,14 +94,4 @@ def _read_layers(path):
     layers = [volume_to_layer_data(volume, source_path=path) for volume in volumes]
     for volume in volumes[:1]:
         layers.extend(segmentation_layers(volume))
-    return layers
-
-
-def segmentation_layers(volume) -> list:
-    """Labels layers for the DICOM SEG objects that reference a DICOM volume's series."""
-    from .core.dicom import segmentations_of
-
-    layers = []
-    for name, labels, names in segmentations_of(volume):
-        layers.append(labels_layer_data(labels, volume, f"{volume.name} {name}", names))
     return layers

@@ -1,1 +1,0 @@
-"""Dock widgets: thin magicgui containers over the core."""

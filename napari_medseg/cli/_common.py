@@ -1,0 +1,78 @@
+"""What every command group shares: one-line messages, progress on stderr, input options."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..core.privacy import scrub
+
+EXIT_USER_ERROR = 2
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default (where it has one), and keeps descriptions as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text \
+                and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def say(message: str, stream=None) -> None:
+    print(scrub(message), file=stream or sys.stderr, flush=True)
+
+
+def warn(messages) -> None:
+    for message in messages:
+        say(f"warning: {message}")
+
+
+def add_input_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", metavar="INPUT", help="NIfTI, NRRD or MetaImage file, or a DICOM folder")
+    add_volume_options(parser)
+
+
+def add_volume_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--volume", type=int, default=None,
+                        help="for 4D files and multi-volume DICOM series: which volume (0-based)")
+    parser.add_argument("--series", default=None,
+                        help="for folders with several DICOM series: the series index or UID")
+
+
+def stderr_progress(label: str, quiet: bool = False):
+    """A progress callback that prints at most every 10 %, on stderr."""
+    if quiet:
+        return None
+    state = {"last": -1}
+
+    def report(fraction: float, message: str) -> None:
+        tenth = int(fraction * 10)
+        if tenth != state["last"]:
+            state["last"] = tenth
+            say(f"{label}: {fraction:4.0%} {message}")
+
+    return report
+
+
+def model_inputs(spec) -> list:
+    """The model file a --model option reads, when it names a file (never written over)."""
+    from pathlib import Path
+
+    return [spec] if spec is not None and Path(str(spec)).exists() else []
+
+
+def open_workspace(args, create: bool = True):
+    """The workspace ``--workspace`` names, or None when the command has none."""
+    from ..core.workspace import Workspace
+
+    return Workspace(args.workspace, create=create) if getattr(args, "workspace", None) else None
+
+
+def load_model_of(args, for_training: bool = False):
+    """The model ``--model`` and ``--workspace`` choose (see :func:`~napari_medseg.core.models.resolve_model`)."""
+    from ..core.models import load_model, resolve_model
+
+    return load_model(resolve_model(args.model, open_workspace(args, create=False)), for_training=for_training)
