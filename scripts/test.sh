@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 export QT_API="${QT_API:-pyqt5}"
 export PYTEST_QT_API="$QT_API"
 MEDSEG_EXTRAS="${MEDSEG_EXTRAS:-$QT_API,testing}" bash scripts/setup_env.sh
-exec xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/pytest "$@"
+# Two workers: CI has two cores, and the suite takes about twice as long serially.
+exec xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/pytest -n "${MEDSEG_TEST_WORKERS:-2}" "$@"

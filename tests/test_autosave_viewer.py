@@ -223,6 +223,7 @@ def test_submit_on_close_stores_the_correction(make_napari_viewer, qtbot, scan_c
     from napari_medseg.viewer._workspace import workspace_folder
 
     folder = workspace_folder(viewer)
+    root = manager_of(viewer).root
     answer_question(qtbot, "Submit")
     viewer.window._qt_window.close()
     closed_by_user(viewer)
@@ -230,7 +231,7 @@ def test_submit_on_close_stores_the_correction(make_napari_viewer, qtbot, scan_c
     [item] = workspace.items()
     np.testing.assert_array_equal(workspace.load_item(item)["label"], painted)
     workspace.close()
-    assert autosave.list_sessions(manager.root) == []  # submitted: nothing left to recover
+    assert autosave.list_sessions(root) == []  # submitted: nothing left to recover
 
 
 def _kill_run(scan: Path, home: Path, seed: int, mode: str) -> tuple:

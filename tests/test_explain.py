@@ -225,9 +225,10 @@ def test_the_region_list_moves_the_viewer_to_a_region(qtbot, explain_widget):
 def test_gradcam_on_a_drawn_region(qtbot, explain_widget):
     viewer, widget = explain_widget
     widget._method.value = "gradcam"
-    # A layer with convolutions after it: at the last block before a 1x1 head, Grad-CAM's
-    # weights are the head's weights times a constant, whatever the region.
-    widget._layer.value = "decoders.1"
+    # An encoder block: its receptive field is small enough that the region changes the
+    # channel weights (measured on this model: correlation 0.945 at encoders.1, but
+    # 0.99999 from the bottleneck on, where every voxel sees the whole brain).
+    widget._layer.value = "encoders.1"
     run(qtbot, widget)
     whole = widget.last_layer.data.copy()
     scan = viewer.layers["MNI152_T1_2mm"]
@@ -238,5 +239,6 @@ def test_gradcam_on_a_drawn_region(qtbot, explain_widget):
     assert 400 < int(ball.sum()) < 700  # a 10 mm ball of 2 mm voxels: about 520
     task = run(qtbot, widget)
     assert task.result[1].info["region"] == "a given mask"
+    assert task.result[1].info["layer"] == "encoders.1"  # the choice survived the added layer
     # The target is another one, so the map is another one.
-    assert np.corrcoef(whole.ravel(), widget.last_layer.data.ravel())[0, 1] < 0.999
+    assert np.corrcoef(whole.ravel(), widget.last_layer.data.ravel())[0, 1] < 0.99

@@ -47,6 +47,7 @@ def test_a_good_fine_tune_is_promoted_and_a_harmful_one_is_not(tmp_path, sphere_
     result = fine_tune(workspace, steps=40, device="cpu", learning_rate=3e-3, batch_size=2, patch_size=(16, 16, 16))
     assert result.promoted and result.version == "v2", result.reason
     assert result.metrics["validation_dice_after"] >= result.metrics["validation_dice_before"] - 0.01
+    assert result.metrics["validation_device"] == "cpu"  # validated where it trained, not on "auto"
     versions = {v["version"]: v for v in workspace.versions()}
     assert versions["v2"]["current"] and versions["v2"]["lineage"] == result.items and len(result.items) == 3
     assert all(item.status == "used" and item.used_by == "v2" for item in workspace.items(split="train"))

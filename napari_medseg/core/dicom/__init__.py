@@ -60,8 +60,13 @@ def _safe_tags(instance: Instance) -> dict:
 
 def _choose(series: list, wanted, folder_name: str, skipped: list) -> Series:
     images = [s for s in series if not s.is_segmentation]
+    if not images and series:
+        raise UnreadableScanError(f"folder '{folder_name}' holds only a DICOM SEG (a segmentation), not the scan it "
+                                  "segments; open the study folder that also holds its image series, and the SEG "
+                                  "opens over its scan")
     if not images:
-        raise UnreadableScanError(f"no DICOM image series found in folder '{folder_name}'")
+        raise UnreadableScanError(f"no DICOM image series found in folder '{folder_name}'; open a folder of DICOM "
+                                  "image files, or a NIfTI, NRRD or MetaImage file")
     if wanted is not None:
         for entry in series:
             if str(wanted) in (entry.uid, str(entry.index)):

@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton,
+from magicgui.widgets import (ComboBox, FileEdit, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton,
                               SpinBox, Table)
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 
+from ._panel import DockPanel
 from .._layers import (correction_parts, layer_geometry, original_prediction, prediction_events,
                        remember_prediction)
 from .._worker import BackgroundTask
@@ -33,11 +34,11 @@ QUEUE_COLUMNS = ("id", "created", "status", "split", "reviewer", "edited voxels"
 VERSION_COLUMNS = ("version", "status", "validation Dice", "in use", "why")
 
 
-class CorrectWidget(Container):
+class CorrectWidget(DockPanel):
     """Correct a labels layer, submit it, and teach the model from the queue."""
 
     def __init__(self, napari_viewer):
-        super().__init__(scrollable=True)  # taller than a laptop screen: it scrolls inside its dock
+        super().__init__()
         self.viewer = napari_viewer
         self.task: BackgroundTask | None = None
         self.process = None

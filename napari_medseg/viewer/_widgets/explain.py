@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FloatSlider, Label, PushButton, SpinBox, Table
+from magicgui.widgets import ComboBox, FloatSlider, Label, PushButton, SpinBox, Table
 from napari.layers import Image, Labels, Points, Shapes
 from napari.utils.notifications import show_error, show_info
 
+from ._panel import DockPanel
 from .._layers import layer_geometry, make_metadata, medseg_meta
 from .._worker import BackgroundTask
 from .._workspace import workspace_events
@@ -32,12 +33,12 @@ def run_explain(image, layer_affine_ras, model_spec, method, settings, progress=
     return model, result, uncertain_regions(result.map, layer_affine_ras)
 
 
-class ExplainWidget(Container):
+class ExplainWidget(DockPanel):
     """Pick a scan, a method and its options, Run; the map overlays the scan, and the
     doubtful regions are listed (a click moves the viewer there)."""
 
     def __init__(self, napari_viewer):
-        super().__init__(scrollable=True)  # taller than a laptop screen: it scrolls inside its dock
+        super().__init__()
         self.viewer = napari_viewer
         from .._autosave import install
 
@@ -68,6 +69,9 @@ class ExplainWidget(Container):
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._opacity = FloatSlider(label="Opacity", min=0.0, max=1.0, step=0.05, value=0.6,
                                     tooltip="Opacity of the map over the scan (0-1)")
+        readout = getattr(self._opacity._widget, "_readout_widget", None)  # the slider's number box
+        if readout is not None:
+            readout.setToolTip(self._opacity.tooltip)
         self._legend = Label(value="")
         self._order = ComboBox(label="Order regions by", choices=["size", "mean uncertainty"], value="size",
                                tooltip="How the doubtful regions are listed")
@@ -123,7 +127,7 @@ class ExplainWidget(Container):
         from ...core.network import build_network
 
         network = build_network(card.network.architecture, card.network.hparams)
-        gates = [f"gates.{i}" for i in range(len(getattr(network, "gates", [])))]
+        gates = [n for n in layer_names(network) if n.startswith("gates.")]
         default = default_layer(network)
         self._offered = {
             "methods": [m for m in METHODS if m in card.explain],
@@ -133,7 +137,7 @@ class ExplainWidget(Container):
         }
         methods = self._offered["methods"]
         self._method.reset_choices()
-        if self._method.value not in methods:
+        if methods and self._method.value not in methods:
             self._method.value = "entropy" if "entropy" in methods else methods[0]
         self._target.reset_choices()
         self._method_changed()
@@ -202,6 +206,9 @@ class ExplainWidget(Container):
         if self.task is not None and self.task.running:
             show_info("napari-medseg: an explanation is already running")
             return self.task
+        if self._method.value is None:
+            show_error("napari-medseg: this model's card offers no explanation maps")
+            return None
         try:
             region = self._region(layer)
         except ValueError as exc:

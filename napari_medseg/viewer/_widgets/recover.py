@@ -9,10 +9,11 @@ values, or, when none is open, on the scan file you pick (its content is checked
 from __future__ import annotations
 
 import numpy as np
-from magicgui.widgets import CheckBox, Container, Label, PushButton, Table
+from magicgui.widgets import CheckBox, Label, PushButton, Table
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
 
+from ._panel import DockPanel
 from .._layers import label_features, make_metadata, volume_to_layer_data
 from ...core import autosave
 from ...core.errors import MedsegError
@@ -26,11 +27,11 @@ def _describe_scan(session: autosave.Recoverable) -> str:
     return f"{scan.get('sha256', '?')[:10]}, {'x'.join(map(str, session.shape))}" + (f", {spacing} mm" if spacing else "")
 
 
-class RecoverWidget(Container):
+class RecoverWidget(DockPanel):
     """List autosaved edits and put one back on its scan."""
 
     def __init__(self, napari_viewer):
-        super().__init__(scrollable=True)  # taller than a laptop screen: it scrolls inside its dock
+        super().__init__()
         self.viewer = napari_viewer
         from .._autosave import install
 

@@ -16,6 +16,7 @@ import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, PushButton, Table
 from napari.utils.notifications import show_error, show_info, show_warning
 
+from ._panel import DockPanel
 from .._layers import make_metadata, remember_prediction, volume_to_layer_data
 from .._worker import BackgroundTask
 from .._workspace import set_workspace_folder, workspace_folder
@@ -30,11 +31,11 @@ ORDER_KEY = "worklist_order"
 KEYS = {"next": "Alt-Right", "previous": "Alt-Left", "accept": "Alt-A"}
 
 
-class ReviewWidget(Container):
+class ReviewWidget(DockPanel):
     """Review the worklist: next/previous, Accept, Submit correction, Skip."""
 
     def __init__(self, napari_viewer):
-        super().__init__(scrollable=True)  # taller than a laptop screen: it scrolls inside its dock
+        super().__init__()
         self.viewer = napari_viewer
         self.task: BackgroundTask | None = None
         self.current: OpenedCase | None = None

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
+from magicgui.widgets import ComboBox, FileEdit, Label, PushButton
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info, show_warning
 
+from ._panel import DockPanel
 from .._layers import (layer_geometry, make_metadata, medseg_meta, segmentation_layers, viewer_warnings,
                        volume_to_layer_data, write_layer_mask)
 from .._worker import BackgroundTask, notify_warnings
@@ -17,14 +18,14 @@ from ...core.errors import MultipleSeriesError, MultiVolumeError
 from ...core.io import read_volume
 from ...core.windowing import PRESET_NAMES, preset_limits
 
-SCAN_FILTER = "Scans (*.nii *.nii.gz *.nrrd *.nhdr *.mha *.mhd *.dcm)"
+SCAN_FILTER = "Scans (*.nii *.nii.gz *.nrrd *.nhdr *.mha *.mhd *.dcm);;DICOM files without an extension (*)"
 
 
-class ScanWidget(Container):
+class ScanWidget(DockPanel):
     """Open a scan file or DICOM folder, inspect it, window it and save masks."""
 
     def __init__(self, napari_viewer):
-        super().__init__(scrollable=True)  # taller than a laptop screen: it scrolls inside its dock
+        super().__init__()
         self.viewer = napari_viewer
         from .._autosave import install
 

@@ -8,7 +8,6 @@ import numpy as np
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
-    Container,
     FileEdit,
     FloatSpinBox,
     Label,
@@ -18,6 +17,7 @@ from magicgui.widgets import (
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_info, show_warning
 
+from ._panel import DockPanel
 from .._layers import make_metadata, medseg_meta, remember_prediction, scan_image_of
 from .._worker import BackgroundTask
 from .._workspace import workspace_events
@@ -40,11 +40,11 @@ def run_segmentation(scan, model_spec, settings: InferenceSettings, progress=Non
     return predict_scan(scan, model_spec, settings, force=True, progress=progress)
 
 
-class SegmentWidget(Container):
+class SegmentWidget(DockPanel):
     """Pick an image layer and a model, Run, and get a Labels layer with volumes."""
 
     def __init__(self, napari_viewer):
-        super().__init__(scrollable=True)  # taller than a laptop screen: it scrolls inside its dock
+        super().__init__()
         self.viewer = napari_viewer
         from .._autosave import install
 
