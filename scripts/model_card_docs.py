@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from napari_medseg.core.card import where_it_loses
 from napari_medseg.core.models import BUNDLED_DIR, read_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,10 @@ def figures_table(card, peer: bool = True) -> str:
     lines.append("")
     lines.append(f"Measured {card.metrics.get('date')} by `{card.metrics.get('method')}` on "
                  f"{card.metrics.get('machine')}.")
+    lines.append("")
+    lines.append("Where it loses:")
+    lines.append("")
+    lines += [("* " + line) if not line.startswith("  ") else f"  * {line.strip()}" for line in where_it_loses(card)]
     return "\n".join(lines) + "\n"
 
 
@@ -87,22 +92,28 @@ INTROS = {
 }
 
 
-def main() -> None:
-    blocks = []
+def rendered_documents() -> dict:
+    """Each generated document's path and the text it must hold, from the bundled cards alone."""
+    blocks, documents = [], {}
     for file_name in ("brain-t1.safetensors", "brain-t1-attention.safetensors"):
         _state, card = read_model_file(BUNDLED_DIR / file_name)
         page = ROOT / "docs" / f"model_card_{card.name.replace('-', '_')}.md"
-        page.write_text(card_page(card, file_name, INTROS[card.name]))
+        documents[page] = card_page(card, file_name, INTROS[card.name])
         blocks.append(f"**`{card.name}` {card.version}** ([model card]({page.relative_to(ROOT)})):\n\n"
                       + figures_table(card, peer=card.name == "brain-t1"))
-        print(f"wrote {page.relative_to(ROOT)}")
     readme = ROOT / "README.md"
     text = readme.read_text()
     pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
     if not pattern.search(text):
         raise SystemExit(f"README.md has no {START} ... {END} section")
-    readme.write_text(pattern.sub(START + "\n" + "\n".join(blocks) + END, text))
-    print("updated README.md")
+    documents[readme] = pattern.sub(lambda _match: START + "\n" + "\n".join(blocks) + END, text)
+    return documents
+
+
+def main() -> None:
+    for path, text in rendered_documents().items():
+        path.write_text(text)
+        print(f"wrote {path.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

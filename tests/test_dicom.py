@@ -237,6 +237,31 @@ def test_a_dicom_seg_opens_as_labels_on_its_series_voxel_for_voxel(tmp_path, ct)
     np.testing.assert_allclose(seg_kwargs["affine"], layers[0][1]["affine"])
 
 
+def test_an_extensionless_seg_opens_in_napari_and_a_lone_seg_folder_says_what_to_open(tmp_path, ct,
+                                                                                       make_napari_viewer):
+    from napari.utils.notifications import notification_manager
+
+    from napari_medseg.viewer._reader import napari_get_reader
+
+    written = write_series(tmp_path / "study" / "ct", ct, shape=(40, 36, 10))
+    labels = np.zeros(read_volume(tmp_path / "study" / "ct").data.shape, np.uint8)
+    labels[5:20, 8:30, 2:8] = 1
+    path = _seg_of(tmp_path, written, labels)
+    assert path.suffix == ""  # as PACS exports name them
+    viewer = make_napari_viewer()
+    # napari offers the file to our reader (the manifest's patterns) and the reader knows it by its preamble.
+    [layer] = viewer.open(str(path), plugin="napari-medseg")
+    assert layer._type_string == "labels" and int((layer.data > 0).sum()) == int((labels > 0).sum())
+    # A file that is not DICOM and has no extension is left to other readers.
+    (tmp_path / "README").write_text("not a scan")
+    assert napari_get_reader(str(tmp_path / "README")) is None
+    # The SEG's folder alone holds no scan: the user is told to open the study folder.
+    shown = []
+    notification_manager.notification_ready.connect(lambda n: shown.append(str(n.message)))
+    assert viewer.open(str(path.parent), plugin="napari-medseg") == []
+    assert any("holds only a DICOM SEG" in message and "study folder" in message for message in shown), shown
+
+
 def _non_image(path: Path, sop_class: str, modality: str):
     from pydicom.dataset import FileDataset, FileMetaDataset
 

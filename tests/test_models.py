@@ -163,3 +163,45 @@ def test_saved_models_are_readable_by_others_like_any_file(tmp_path, model_file)
     umask = os.umask(0o022)
     os.umask(umask)
     assert stat.S_IMODE(model_file.stat().st_mode) == 0o666 & ~umask
+
+
+def _model_card_docs():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "model_card_docs.py"
+    spec = importlib.util.spec_from_file_location("model_card_docs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["brain-t1", "brain-t1-attention"])
+def test_bundled_cards_carry_their_evaluation_rows(name):
+    from napari_medseg.core.card import evaluation_rows
+    from napari_medseg.core.models import BUNDLED_DIR
+
+    _state, card = read_model_file(BUNDLED_DIR / f"{name}.safetensors")
+    rows = evaluation_rows(card)
+    assert len(rows) >= 10, f"{name}'s card stores no evaluation; run benchmarks/eval_brain_model.py --write-cards"
+    assert all(0.0 <= row["dice"] <= 1.0 and row["head"] and row["copy"] for row in rows)
+    assert card.metrics["date"] and card.metrics["method"] and card.metrics["machine"]
+
+
+def test_the_docs_pages_and_readme_agree_with_the_bundled_cards():
+    stale = [str(path.name) for path, text in _model_card_docs().rendered_documents().items()
+             if not path.exists() or path.read_text() != text]
+    assert not stale, f"{stale} disagree with the cards; run scripts/model_card_docs.py"
+
+
+def test_models_show_prints_a_readable_card_and_json_on_request(capsys):
+    from napari_medseg.cli import main
+
+    assert main(["models", "show", "brain-t1"]) == 0
+    text = capsys.readouterr().out
+    for heading in ("intended use:", "training data:", "licence:", "citation:", "evaluation (", "where it loses:"):
+        assert heading in text
+    assert "Fisch" in text and "MIT" in text and not text.lstrip().startswith("{")
+    assert main(["models", "show", "brain-t1", "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["name"] == "brain-t1" and len(card["metrics"]["evaluation"]) >= 10

@@ -414,10 +414,30 @@ def evaluation_rows(card: ModelCard) -> list:
     return list((card.metrics or {}).get("evaluation") or [])
 
 
-def losing_rows(card: ModelCard, margin: float = 0.005) -> list:
+LOSS_MARGIN = 0.005
+
+
+def losing_rows(card: ModelCard, margin: float = LOSS_MARGIN) -> list:
     """Evaluation rows where the model loses: below its peer's Dice on the same scan by more than ``margin``."""
     return [row for row in evaluation_rows(card)
             if row.get("deepbet_package_dice") is not None and row["dice"] < row["deepbet_package_dice"] - margin]
+
+
+def where_it_loses(card: ModelCard) -> list:
+    """Lines that say where the model is weakest: rows that lose to the peer, and its three lowest rows."""
+    rows = evaluation_rows(card)
+    if not rows:
+        return []
+    lines = []
+    if any(row.get("deepbet_package_dice") is not None for row in rows):
+        losses = losing_rows(card)
+        lines.append(f"Rows where its Dice is more than {LOSS_MARGIN} below deepbet's own package on the same scan:")
+        lines += [f"  {row['head']} / {row['copy']}: {row['dice']:.4f} against {row['deepbet_package_dice']:.4f}"
+                  for row in losses] or ["  none"]
+    lines.append("Its lowest Dice:")
+    lines += [f"  {row['head']} / {row['copy']}: {row['dice']:.4f}"
+              for row in sorted(rows, key=lambda row: row["dice"])[:3]]
+    return lines
 
 
 def card_text(card: ModelCard) -> str:
@@ -453,8 +473,5 @@ def card_text(card: ModelCard) -> str:
             peer = row.get("deepbet_package_dice")
             lines.append(f"  {row['head'][:40]:<40} {row['copy'][:38]:<38} {row['dice']:7.4f} "
                          f"{'' if peer is None else format(peer, '7.4f'):>7} {row.get('seconds', 0):6.1f}")
-        losses = losing_rows(card)
-        lines += ["", "where it loses (Dice below the peer, deepbet's own package, on the same scan):"]
-        lines += [f"  {row['head']} / {row['copy']}: {row['dice']:.4f} against {row['deepbet_package_dice']:.4f}"
-                  for row in losses] or ["  nowhere on the stored evaluation"]
+        lines += ["", "where it loses:"] + ["  " + line for line in where_it_loses(card)]
     return "\n".join(lines)
