@@ -35,21 +35,32 @@ def build_viewer(scan: str | None = None, widgets: tuple = WIDGETS):
     return viewer, docked
 
 
+def demo_segment(viewer, widgets) -> None:
+    """Segment the open scan with the Segment dock's model and show the mask as an outline."""
+    from .core.inference import InferenceSettings
+    from .viewer._layers import layer_geometry, scan_image_of
+    from .viewer._widgets.segment import run_segmentation
+
+    image = viewer.layers[0]
+    segment = widgets["Segment"]
+    segment._show_result(image, layer_geometry(image), run_segmentation(scan_image_of(image), segment._model.value,
+                                                                        InferenceSettings()))
+    viewer.layers[-1].contour = 1
+    viewer.layers.selection.active = image
+
+
 def demo_explain(viewer, widgets) -> None:
     """Segment the scan and show its entropy map with the doubtful regions (for the README)."""
     import numpy as np
 
     from .viewer._widgets.explain import run_explain
-    from .viewer._layers import layer_geometry, scan_image_of
-    from .viewer._widgets.segment import run_segmentation
+    from .viewer._layers import layer_geometry
     from .core.inference import InferenceSettings
 
+    demo_segment(viewer, widgets)
     image = viewer.layers[0]
     geometry = layer_geometry(image)
-    segment, explain = widgets["Segment"], widgets["Explain"]
-    segment._show_result(image, geometry, run_segmentation(scan_image_of(image), segment._model.value,
-                                                           InferenceSettings()))
-    viewer.layers[-1].contour = 1
+    explain = widgets["Explain"]
     explain._method.value = "entropy"
     explain._show(image, *run_explain(np.asarray(image.data), geometry.layer_affine_ras, explain._model.value,
                                       "entropy", InferenceSettings()))
@@ -66,16 +77,7 @@ def demo_reading(viewer, widgets, segment: bool) -> None:
 
     image = viewer.layers[0]
     if segment:
-        from .viewer._layers import layer_geometry, scan_image_of
-        from .viewer._widgets.segment import run_segmentation
-        from .core.inference import InferenceSettings
-
-        geometry = layer_geometry(image)
-        segment_widget = widgets["Segment"]
-        segment_widget._show_result(image, geometry, run_segmentation(
-            scan_image_of(image), segment_widget._model.value, InferenceSettings()))
-        viewer.layers[-1].contour = 1
-        viewer.layers.selection.active = image
+        demo_segment(viewer, widgets)
     layout = open_reading_layout(viewer)
     if segment:
         # the crosshair on the left putamen region, a point every plane cuts through brain
@@ -86,13 +88,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m napari_medseg.app")
     parser.add_argument("scan", nargs="?", help="scan to open instead of the sample")
     parser.add_argument("--screenshot", help="save a screenshot of the whole window and quit")
-    parser.add_argument("--demo", choices=["explain", "reading"], help="prepare a demonstration state (for screenshots)")
+    parser.add_argument("--demo", choices=["segment", "explain", "reading"], help="prepare a demonstration state (for screenshots)")
     parser.add_argument("--layout", action="store_true", help="open the reading layout (axial, coronal, sagittal)")
     args = parser.parse_args(argv)
     import napari
 
     docked = {"explain": ("Segment", "Explain"), "reading": ("Segment",)}.get(args.demo, WIDGETS)
     viewer, widgets = build_viewer(args.scan, docked)
+    if args.demo == "segment":
+        demo_segment(viewer, widgets)
     if args.demo == "explain":
         demo_explain(viewer, widgets)
     if args.layout or args.demo == "reading":

@@ -132,7 +132,9 @@ def test_mixed_dicom_folder_offers_a_series_choice(qtbot, scan_widget, tmp_path)
 
 def test_cancel_stops_a_dicom_read(qtbot, scan_widget, tmp_path):
     viewer, widget = scan_widget
-    folder = write_dicom_series(tmp_path / "big", random_volume((60, 16, 16)), (0, 0, 0), (1, 1, 1), np.eye(3))
+    # 400 files: the read reports progress per file and cannot finish before cancel() below
+    # (with 60 it sometimes did, on a loaded 2-core machine).
+    folder = write_dicom_series(tmp_path / "big", random_volume((400, 16, 16)), (0, 0, 0), (1, 1, 1), np.eye(3))
     task = widget.open(folder)
     task.cancel()
     wait_for(qtbot, widget)

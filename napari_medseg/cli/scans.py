@@ -8,7 +8,7 @@ from pathlib import Path
 from ..core.defaults import DEFAULT_OVERLAP, DEVICE_HELP, DEVICES
 from ..core.errors import MedsegError, MultipleSeriesError, OutOfScope
 from ..core.privacy import scrub
-from ._common import Formatter, add_input_options, load_model_of, model_inputs, say, stderr_progress, warn
+from ._common import Formatter, add_input_options, load_model_of, model_inputs, stderr_progress, warn
 
 
 def add_parsers(sub) -> None:

@@ -42,7 +42,7 @@ import numpy as np
 
 from .errors import MedsegError
 from .geometry import ScanGeometry
-from .outputs import fsync_path
+from .outputs import fsync_path, save_atomically, utc_timestamp
 
 AUTOSAVE_FOLDER = "autosave"
 JOURNAL_LIMIT = 16 << 20         # bytes of journal before a new snapshot replaces it
@@ -58,10 +58,6 @@ try:  # pragma: no cover - the import is platform-dependent
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def default_root() -> Path:
@@ -101,18 +97,12 @@ def scan_identity(scan: np.ndarray | None, geometry: ScanGeometry | None, pause:
 
 
 def _write_atomically(path: Path, chunks: list) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    def write(tmp: str) -> None:
         with open(tmp, "wb") as handle:
             for chunk in chunks:
                 handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent, directory=True)
+
+    save_atomically(path, write, error=OSError)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -181,7 +171,7 @@ class AutosaveSession:
             root.mkdir(parents=True, exist_ok=True)
             session_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
             meta = {
-                "id": session_id, "format": 1, "created": _now(), "updated": _now(), "state": "open",
+                "id": session_id, "format": 1, "created": utc_timestamp(), "updated": utc_timestamp(), "state": "open",
                 "scan": scan, "shape": list(shape), "dtype": np.dtype(dtype).str,
                 "geometry": _clean_geometry(geometry), "label_names": label_names or {}, "model": model,
                 "edited_voxels": 0, "pid": os.getpid(),
@@ -196,7 +186,7 @@ class AutosaveSession:
         return session
 
     def _write_meta(self) -> None:
-        self.meta["updated"] = _now()
+        self.meta["updated"] = utc_timestamp()
         _write_atomically(self.folder / "meta.json", [json.dumps(self.meta, indent=1).encode()])
 
     def set_state(self, state: str, **extra) -> None:
@@ -399,7 +389,7 @@ def mark_state(folder: str | os.PathLike, state: str) -> None:
     meta = _read_json(folder / "meta.json")
     if meta is None:
         return
-    meta.update(state=state, updated=_now())
+    meta.update(state=state, updated=utc_timestamp())
     _write_atomically(folder / "meta.json", [json.dumps(meta, indent=1).encode()])
 
 

@@ -39,6 +39,13 @@ STATISTICS = ("region", "field_of_view")
 OUTPUTS = ("logits", "probabilities")
 POSTPROCESSING = ("inside_body", "largest_component", "fill_holes")
 EXPLAIN_METHODS = ("attention", "gradcam", "entropy", "tta", "activation")
+WITH_ATTENTION_GATES = ("AttentionUNet3D",)
+
+
+def explain_methods_for(architecture: str) -> list:
+    """The maps a network of ``architecture`` can give: attention maps need attention gates."""
+    return [method for method in EXPLAIN_METHODS
+            if method != "attention" or architecture in WITH_ATTENTION_GATES]
 
 
 class ModelError(MedsegError):
@@ -298,8 +305,7 @@ def _upgrade_v1(data: dict) -> dict:
             "output": "logits",
             "postprocessing": [step for step, on in post.items() if on] if isinstance(post, dict) else list(post),
         },
-        "explain": ["attention", "gradcam", "entropy", "tta", "activation"]
-        if data.get("architecture") == "AttentionUNet3D" else ["gradcam", "entropy", "tta", "activation"],
+        "explain": explain_methods_for(data.get("architecture")),
     }
 
 

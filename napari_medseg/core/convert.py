@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .card import ModelCard, parse_card
+from .card import ModelCard, explain_methods_for, parse_card
 from .errors import MedsegError
 from .outputs import sha256_of_file
 from .network import LinkNet3d
@@ -103,7 +103,7 @@ def deepbet_card(name: str, version: str, release: str) -> ModelCard:
             "postprocessing": ["largest_component", "fill_holes"],
         },
         "checks": {"max_foreground_ml": 2500, "max_body_fraction": 0.95},
-        "explain": ["gradcam", "entropy", "tta", "activation"],
+        "explain": explain_methods_for("LinkNet3d"),
         "licence": DEEPBET_LICENCE,
         "citation": DEEPBET_CITATION,
         "provenance": {

@@ -35,11 +35,15 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, amp: bool | None):
-    """Mixed precision: on CUDA by default (bf16 where supported, else fp16); elsewhere only if asked."""
+def autocast(device: torch.device, amp: bool | None, training: bool = False):
+    """Mixed precision: on CUDA by default (bf16 where supported, else fp16); elsewhere only if asked.
+
+    ``training``: bf16 or nothing, since fp16 gradients underflow without a gradient scaler.
+    """
     if device.type == "cuda" and amp is not False:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        if torch.cuda.is_bf16_supported():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.float16, enabled=not training)
     if device.type == "cpu" and amp:
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)

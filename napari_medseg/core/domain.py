@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .card import ModelCard
+from .sampling import looks_like_ct
 
 # DICOM BodyPartExamined values that count as each body part of a model card.
 BODY_PARTS = {
@@ -34,15 +35,6 @@ def scan_modality(image, modality: str, guessed: bool) -> tuple[str, str]:
     if not guessed and modality and modality != "unknown":
         return modality.upper(), "DICOM header"
     return ("CT" if looks_like_ct(image) else "MR"), "intensities"
-
-
-def looks_like_ct(image) -> bool:
-    """Air at about -1000 HU is the signature of CT; MR intensities are not negative."""
-    from .pipeline import _sample
-
-    sample = _sample(np.asarray(image), 1_000_000)
-    low, high = np.percentile(sample, [0.5, 99.5])
-    return bool(low < -500 and high > 0)
 
 
 def typical_body_width_mm(image, layer_spacing: tuple) -> float | None:

@@ -27,7 +27,6 @@ patient millimetres.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -35,13 +34,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .card import EXPLAIN_METHODS
 from .errors import MedsegError
 from .geometry import RAS_TO_LPS, voxel_spacing
 from .inference import TTA_FLIPS, InferenceSettings, NetworkPredictor, normalised_entropy, sliding_window
+from .network import class_scores
 from .pipeline import onto_grid_nearest, prepare, to_scan
 from .progress import Progress, report, span
 
-METHODS = ("attention", "gradcam", "entropy", "tta", "activation")
+METHODS = EXPLAIN_METHODS  # the one list lives with the model card
 # A cache of recent maps: the same scan, model, method and options are not recomputed.
 CACHE_SIZE = 8
 _cache: "OrderedDict[tuple, Explanation]" = OrderedDict()
@@ -157,7 +158,7 @@ class GradCamPredictor(NetworkPredictor):
         handle = _module(self.network, self.layer).register_forward_hook(hook)
         try:
             with torch.enable_grad():
-                logits = _logits(self.network, image)
+                logits = class_scores(self.network, image, self.output)
                 if region is None:
                     region = (logits.detach().argmax(1, keepdim=True) == self.target).to(logits.dtype)
                 score = (logits[:, self.target] * region[:, 0]).sum()
@@ -172,10 +173,6 @@ class GradCamPredictor(NetworkPredictor):
         cam = F.relu((weights * activation).sum(1, keepdim=True)).detach()
         probabilities = torch.softmax(logits.detach().float(), 1)
         return {"probabilities": probabilities, "gradcam": _to_window(cam.float(), image.shape[2:])}
-
-
-def _logits(network, x):
-    return network(x, return_logits=True) if hasattr(network, "logits") else network(x)
 
 
 def _target_index(model, target) -> int:

@@ -10,7 +10,6 @@ import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -25,6 +24,7 @@ from .geometry import ScanGeometry, check_affine, itk_to_ras_affine, ras_affine_
 from .outputs import write_files
 from .privacy import library_warnings_silenced, native_messages, quiet_simpleitk
 from .progress import Progress
+from .sampling import looks_like_ct, strided_sample
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -320,17 +320,11 @@ def _pick_volume(filename: str, data: np.ndarray, volume_index: int | None):
     return data[..., volume_index], info
 
 
-def _sample(data: np.ndarray, max_voxels: int = 1_000_000) -> np.ndarray:
-    """A strided subsample (a small copy) for statistics on huge volumes."""
-    step = max(1, int(np.ceil((data.size / max_voxels) ** (1 / data.ndim))))
-    return np.asarray(data[(slice(None, None, step),) * data.ndim])
-
-
 def _looks_like_labels(data: np.ndarray) -> bool:
     """Integer volumes with few, non-negative values are label maps."""
     if not (np.issubdtype(data.dtype, np.integer) or data.dtype == bool):
         return False
-    sample = _sample(data)
+    sample = strided_sample(data)
     if sample.min() < 0 or len(np.unique(sample)) > MAX_LABEL_VALUES:
         return False
     return int(data.max()) <= 10_000
@@ -339,10 +333,7 @@ def _looks_like_labels(data: np.ndarray) -> bool:
 def _guess_modality(volume: Volume) -> None:
     if not volume.modality_guessed or volume.is_label_map:
         return
-    sample = _sample(volume.data)
-    lo, hi = np.percentile(sample, [0.5, 99.5])
-    # Air at about -1000 HU is the signature of CT; MR intensities are non-negative.
-    volume.modality = "CT" if lo < -500 and hi > 0 else "MR"
+    volume.modality = "CT" if looks_like_ct(volume.data) else "MR"
 
 
 def _sanitize(volume: Volume) -> None:

@@ -299,6 +299,16 @@ class LinkNet3d(nn.Module):
 ARCHITECTURES = {"AttentionUNet3D": AttentionUNet3D, "LinkNet3d": LinkNet3d}
 
 
+def class_scores(network, x: torch.Tensor, output: str) -> torch.Tensor:
+    """The network's class scores before the softmax, for losses and gradients.
+
+    ``output`` is the card's ``pipeline.output``: a network that returns probabilities
+    (deepbet's LinkNet3d ends in a softmax) gives its scores through ``return_logits``.
+    ``network`` may be DDP's wrapper, which must see the forward pass.
+    """
+    return network(x) if output == "logits" else network(x, return_logits=True)
+
+
 def build_network(architecture: str, hparams: dict) -> nn.Module:
     if architecture not in ARCHITECTURES:
         raise KeyError(architecture)

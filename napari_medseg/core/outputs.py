@@ -15,7 +15,10 @@ export, the writers behind the widgets) goes through these two functions:
 
 from __future__ import annotations
 
+import datetime
+import functools
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -111,10 +114,18 @@ def fsync_path(path, directory: bool = False) -> None:
         os.close(fd)
 
 
+@functools.lru_cache(maxsize=1)
 def _umask() -> int:
+    # Read once: os.umask can only be read by setting it, and a write from another
+    # thread (autosave) in between would create a file with the wrong permissions.
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def utc_timestamp() -> str:
+    """Now, in UTC to the second (ISO 8601): the time stamp of every record we write."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _remove_quietly(path) -> None:
@@ -202,3 +213,34 @@ def save_atomically(path, write: Writer, suffix: str = "", *, error: type = Meds
         raise error(f"could not write {label or repr(path.name)}: the folder '{path.parent.name}' "
                     "does not exist; no file was changed")
     return write_files([(path, write, suffix, label or repr(path.name))], error=error)[0]
+
+
+# -- staging folders: a record's files are written into one, then renamed into place ------------
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def staging_folder(parent: Path, key: str) -> Path:
+    """A new hidden folder in ``parent`` for this process's files of ``key``, before they are renamed into place."""
+    folder = Path(parent) / f".staging-{os.getpid()}-{key}"
+    folder.mkdir()
+    return folder
+
+
+def sweep_staging(parent: Path, committed: set) -> None:
+    """Remove what a killed writer left in ``parent``: staging folders of dead processes, and
+    folders that no committed record names (the caller holds the index's write lock)."""
+    for entry in Path(parent).iterdir():
+        if entry.name.startswith(".staging-"):
+            pid = entry.name.split("-")[1]
+            if pid.isdigit() and not process_alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+        elif not entry.name.startswith(".") and entry.name not in committed:
+            shutil.rmtree(entry, ignore_errors=True)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from .card import ModelCard, Normalisation
 from .errors import MedsegError
 from .geometry import voxel_spacing as layer_spacing
+from .sampling import strided_sample, subsample_step
 
 # Resample only when the scan's voxel size differs from the model's by more than this.
 SPACING_TOLERANCE = 0.01
@@ -112,8 +113,8 @@ def grid_shape(region_shape: tuple, spacing: tuple, card: ModelCard) -> tuple:
 
 # -- the imaged body ---------------------------------------------------------------------
 
-def _subsample_step(shape: tuple, max_voxels: int = BODY_VOXELS) -> int:
-    return max(1, int(math.ceil((float(np.prod(shape)) / max_voxels) ** (1 / 3))))
+def _subsample_step(shape: tuple) -> int:
+    return subsample_step(shape, BODY_VOXELS)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -268,11 +269,6 @@ def paste(full: np.ndarray, values: np.ndarray, region: tuple) -> None:
 
 # -- normalisation --------------------------------------------------------------------
 
-def _sample(array, max_voxels: int = BODY_VOXELS) -> np.ndarray:
-    return np.asarray(array[(slice(None, None, _subsample_step(np.shape(array), max_voxels)),) * 3],
-                      dtype=np.float32)
-
-
 def intensity_statistics(sample: np.ndarray, normalisation: Normalisation) -> dict:
     """The statistics a normalisation needs, from a sample of the region (or field of view)."""
     kind = normalisation.kind
@@ -400,7 +396,8 @@ def prepare(layer_array, layer_affine_ras: np.ndarray, card: ModelCard,
         info["first_stage_box"] = [[s.start, s.stop] for s in inner]
     region_tensor = torch.from_numpy(crop_working(layer_array, region, pipeline.axis_order, air))
     if roi.kind != "network":
-        stats = intensity_statistics(_sample(region_tensor.numpy()), pipeline.normalisation)
+        stats = intensity_statistics(strided_sample(region_tensor.numpy(), BODY_VOXELS, np.float32),
+                                     pipeline.normalisation)
     model_shape = grid_shape(tuple(region_tensor.shape), spacing, card)
     tensor = resample(region_tensor, model_shape, mode)
     tensor = normalise(tensor, pipeline.normalisation, stats).contiguous()

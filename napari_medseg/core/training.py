@@ -35,10 +35,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .card import ModelCard
+from .card import ModelCard, explain_methods_for
 from .errors import MedsegError
 from .io import read_volume
+from .devices import autocast
 from .metrics import mean_dice
+from .network import class_scores
 from .pipeline import intensity_statistics, normalise, onto_grid_nearest, prepare
 from .progress import Progress, report, span
 
@@ -530,8 +532,8 @@ def train(network: torch.nn.Module, card: ModelCard, cases: list, config: Traini
     for step in range(start_step, config.steps):
         images, labels, weights = make_batch(cases, card, config, step, range(rank * share, (rank + 1) * share))
         images, labels, weights = images.to(device), labels.to(device), weights.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = _logits(model, network, images)
+        with autocast(device, None, training=True):
+            logits = class_scores(model, images, card.pipeline.output)
         loss = loss_fn(logits.float(), labels, weights)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -548,12 +550,6 @@ def train(network: torch.nn.Module, card: ModelCard, cases: list, config: Traini
     network.eval().cpu()
     return {"steps": config.steps, "final_loss": running, "seconds": round(time.perf_counter() - started, 1),
             "processes": world}
-
-
-def _logits(model, network, images):
-    # The call goes through ``model`` (DDP's wrapper under torchrun), which must see the
-    # forward pass; a network that ends in a softmax gives its logits through a flag.
-    return model(images, return_logits=True) if hasattr(network, "logits") else model(images)
 
 
 def _global_mean(value: torch.Tensor, world: int) -> float:
@@ -614,8 +610,7 @@ def new_card(name: str, version: str, network: torch.nn.Module, label_names: lis
                      "grid": {"kind": "spacing", "spacing": list(spacing), "interpolation": "area"},
                      "normalisation": {**normalisation, "statistics": "region"},
                      "patch_size": list(patch_size), "output": "logits", "postprocessing": list(postprocessing)},
-        "explain": ["attention", "gradcam", "entropy", "tta", "activation"]
-        if architecture == "AttentionUNet3D" else ["gradcam", "entropy", "tta", "activation"],
+        "explain": explain_methods_for(architecture),
     }, name)
 
 

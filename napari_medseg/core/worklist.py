@@ -37,17 +37,15 @@ import numpy as np
 
 from .errors import Cancelled, MedsegError
 from .io import SCAN_SUFFIXES, suffix_of
-from .outputs import fsync_path, sha256_of_file
+from .outputs import fsync_path, sha256_of_file, staging_folder, sweep_staging, utc_timestamp
 from .progress import Progress, report
-from .workspace import Workspace, _now, deidentified_geometry
+from .workspace import Workspace, deidentified_geometry
 
 STATUSES = ("new", "predicted", "in review", "accepted", "corrected", "skipped", "failed")
 ORDERS = ("uncertainty", "name", "date")
 # Cases whose prediction is stored (and so can be opened at once, and exported).
 HAS_MASK = ("predicted", "in review", "accepted", "corrected")
 BOUNDARY_BAND_VOXELS = 2
-CASE_COLUMNS = ("id", "added", "name", "source", "series", "volume", "date", "status", "reason", "model", "score",
-                "warnings", "volumes", "reviewer", "item", "files", "updated")
 
 
 @dataclass
@@ -289,58 +287,32 @@ class Worklist:
 
     def _clean_up(self) -> None:
         """Staging folders of dead processes, and case folders without a committed result."""
-        from .workspace import _alive
-
-        for entry in self.folder.iterdir():
-            if entry.name.startswith(".staging-"):
-                pid = entry.name.split("-")[1]
-                if pid.isdigit() and not _alive(int(pid)):
-                    shutil.rmtree(entry, ignore_errors=True)
-        with self.workspace.write() as db:
-            stored = {row[0] for row in db.execute("SELECT id FROM cases WHERE files != '{}'")}
-            for entry in self.folder.iterdir():
-                if not entry.name.startswith(".") and entry.name not in stored:
-                    shutil.rmtree(entry, ignore_errors=True)
+        with self.workspace.store.transaction() as tx:
+            sweep_staging(self.folder, tx.committed_case_ids())
 
     # -- reading -------------------------------------------------------------------------
-    def _case(self, row) -> Case:
-        data = dict(zip(CASE_COLUMNS, row))
-        data["volumes"] = json.loads(data["volumes"])
-        data["warnings"] = json.loads(data["warnings"])
-        data["files"] = json.loads(data["files"])
-        return Case(**data)
-
     def cases(self, order: str = "uncertainty", status: str | tuple | None = None) -> list[Case]:
         """Cases in ``order``: ``uncertainty`` (results that look implausible first, then the
         most doubtful, then cases without a score in the order added), ``name``, or ``date``
         (newest first)."""
         if order not in ORDERS:
             raise MedsegError(f"order must be one of {', '.join(ORDERS)}, not {order!r}")
-        query = f"SELECT {', '.join(CASE_COLUMNS)} FROM cases"
-        values: list = []
-        if status:
-            wanted = (status,) if isinstance(status, str) else tuple(status)
-            query += f" WHERE status IN ({', '.join('?' * len(wanted))})"
-            values.extend(wanted)
-        sort = {"uncertainty": " ORDER BY warnings = '[]', score IS NULL, score DESC, rowid",
-                "name": " ORDER BY name COLLATE NOCASE, rowid", "date": " ORDER BY date DESC, rowid"}[order]
-        return [self._case(row) for row in self.workspace.query(query + sort, values)]
+        wanted = () if not status else (status,) if isinstance(status, str) else tuple(status)
+        return [Case(**row) for row in self.workspace.store.cases(order, wanted)]
 
     def case(self, case_id: str) -> Case:
-        rows = self.workspace.query(f"SELECT {', '.join(CASE_COLUMNS)} FROM cases WHERE id = ? OR id LIKE ?",
-                                    (case_id, f"{case_id}%"))
+        rows = self.workspace.store.cases_matching(case_id)
         if len(rows) != 1:
             raise MedsegError(f"workspace '{self.workspace.folder.name}' has no case '{case_id}'" if not rows else
                               f"'{case_id}' names several cases; give more of the id")
-        return self._case(rows[0])
+        return Case(**rows[0])
 
     def pending(self) -> list[Case]:
         """The cases still to predict, in the order they were added."""
-        return [self._case(row) for row in self.workspace.query(
-            f"SELECT {', '.join(CASE_COLUMNS)} FROM cases WHERE status = 'new' ORDER BY rowid")]
+        return [Case(**row) for row in self.workspace.store.cases("added", ("new",))]
 
     def counts(self) -> dict:
-        return dict(self.workspace.query("SELECT status, COUNT(*) FROM cases GROUP BY status"))
+        return self.workspace.store.case_counts()
 
     def path(self, case: Case, name: str) -> Path:
         return self.folder / case.id / f"{name}.nii.gz"
@@ -351,16 +323,14 @@ class Worklist:
         report(progress, 0.0, "looking for scans")
         found = find_scans(paths)
         added, known = [], []
-        with self.workspace.write() as db:
+        with self.workspace.store.transaction() as tx:
             for entry in found:
                 source = str(Path(entry.source).resolve()) if Path(entry.source).exists() else entry.source
                 case_id = uuid.uuid4().hex[:16]
-                cursor = db.execute(
-                    "INSERT OR IGNORE INTO cases (id, added, name, source, series, volume, date, status, reason, "
-                    "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (case_id, _now(), entry.name, source, entry.series, entry.volume, entry.date,
-                     "failed" if entry.reason else "new", entry.reason, _now()))
-                if cursor.rowcount:
+                if tx.add_case(id=case_id, added=utc_timestamp(), name=entry.name, source=source,
+                               series=entry.series, volume=entry.volume, date=entry.date,
+                               status="failed" if entry.reason else "new", reason=entry.reason,
+                               updated=utc_timestamp()):
                     added.append(case_id)
                 else:
                     known.append(f"{entry.name} is already in the worklist")
@@ -372,10 +342,9 @@ class Worklist:
         if status not in STATUSES:
             raise MedsegError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
         case_id = case.id if isinstance(case, Case) else case
-        with self.workspace.write() as db:
-            db.execute("UPDATE cases SET status = ?, reason = ?, reviewer = COALESCE(?, reviewer), "
-                       "item = COALESCE(?, item), updated = ? WHERE id = ?",
-                       (status, reason, reviewer, item, _now(), case_id))
+        given = {key: value for key, value in (("reviewer", reviewer), ("item", item)) if value is not None}
+        with self.workspace.store.transaction() as tx:
+            tx.update_case(case_id, status=status, reason=reason, updated=utc_timestamp(), **given)
         return self.case(case_id)
 
     # -- results ----------------------------------------------------------------------------------
@@ -385,25 +354,25 @@ class Worklist:
         from .outputs import write_files
 
         clean = deidentified_geometry(result.geometry)
-        staging = self.folder / f".staging-{os.getpid()}-{case.id}-{uuid.uuid4().hex[:8]}"
+        staging = None
         try:
-            staging.mkdir()
+            staging = staging_folder(self.folder, f"{case.id}-{uuid.uuid4().hex[:8]}")
             write_files([mask_file(staging / "mask.nii.gz", result.labels, clean),
                          map_file(staging / "uncertainty.nii.gz", result.uncertainty, clean)])
             hashes = {name: sha256_of_file(staging / f"{name}.nii.gz") for name in ("mask", "uncertainty")}
             fsync_path(staging, directory=True)
             target = self.folder / case.id
-            with self.workspace.write() as db:
+            with self.workspace.store.transaction() as tx:
                 if target.exists():  # a result whose row a killed run never committed
                     shutil.rmtree(target)
                 os.rename(staging, target)
                 fsync_path(self.folder, directory=True)
-                db.execute("UPDATE cases SET status = 'predicted', reason = '', model = ?, score = ?, warnings = ?, "
-                           "volumes = ?, files = ?, updated = ? WHERE id = ?",
-                           (result.model, result.score, json.dumps(result.warnings), json.dumps(result.volumes),
-                            json.dumps(hashes), _now(), case.id))
+                tx.update_case(case.id, status="predicted", reason="", model=result.model, score=result.score,
+                               warnings=result.warnings, volumes=result.volumes, files=hashes,
+                               updated=utc_timestamp())
         except OSError as exc:
-            shutil.rmtree(staging, ignore_errors=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
             raise MedsegError(f"could not store case '{case.name}' in workspace '{self.workspace.folder.name}': "
                               f"{exc.strerror or exc}") from None
         return self.case(case.id)
@@ -421,8 +390,8 @@ class Worklist:
             raise MedsegError(f"case '{case.name}' has no stored prediction to review")
         write_files([mask_file(folder / "reviewed.nii.gz", labels, deidentified_geometry(geometry))])
         files = dict(case.files, reviewed=sha256_of_file(folder / "reviewed.nii.gz"))
-        with self.workspace.write() as db:
-            db.execute("UPDATE cases SET files = ?, updated = ? WHERE id = ?", (json.dumps(files), _now(), case.id))
+        with self.workspace.store.transaction() as tx:
+            tx.update_case(case.id, files=files, updated=utc_timestamp())
         return self.case(case.id)
 
     def load_result(self, case: Case, reviewed: bool = True) -> dict:

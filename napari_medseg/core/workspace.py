@@ -25,11 +25,8 @@ name is stored because the user typed it; nothing else names a person.
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import shutil
-import sqlite3
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,73 +34,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MedsegError
-from .outputs import fsync_path, sha256_of_file
+from .outputs import fsync_path, sha256_of_file, staging_folder, sweep_staging, utc_timestamp
 from .geometry import ScanGeometry
+from .storage import SQLiteStore, StorageError
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS items (
-    id TEXT PRIMARY KEY,
-    created TEXT NOT NULL,
-    status TEXT NOT NULL,                 -- queued, used, rejected
-    split TEXT NOT NULL,                  -- train or validation (validation is never trained on)
-    reviewer TEXT NOT NULL DEFAULT '',
-    note TEXT NOT NULL DEFAULT '',
-    model TEXT NOT NULL DEFAULT '',       -- the model version whose prediction was corrected
-    edited_voxels INTEGER NOT NULL DEFAULT 0,
-    label_names TEXT NOT NULL DEFAULT '{}',
-    files TEXT NOT NULL,                  -- {"scan": sha256, "label": sha256, "prediction": sha256}
-    used_by TEXT NOT NULL DEFAULT '',     -- the version that first learned from it
-    origin TEXT NOT NULL DEFAULT ''       -- e.g. the worklist case it came from
-);
-CREATE TABLE IF NOT EXISTS cases (          -- the review worklist (see worklist.py)
-    id TEXT PRIMARY KEY,
-    added TEXT NOT NULL,
-    name TEXT NOT NULL,
-    source TEXT NOT NULL,                 -- the scan file or DICOM folder, as the user gave it
-    series TEXT NOT NULL DEFAULT '',      -- DICOM series UID
-    volume INTEGER NOT NULL DEFAULT -1,   -- which volume of a multi-volume file or series
-    date TEXT NOT NULL DEFAULT '',        -- the scan file's modification date
-    status TEXT NOT NULL,                 -- new, predicted, in review, accepted, corrected, skipped, failed
-    reason TEXT NOT NULL DEFAULT '',      -- why it was skipped or failed (one line)
-    model TEXT NOT NULL DEFAULT '',       -- the model version that predicted it
-    score REAL,                           -- uncertainty score (higher: more doubtful)
-    warnings TEXT NOT NULL DEFAULT '[]',  -- why the result looks implausible (volumes, extent)
-    volumes TEXT NOT NULL DEFAULT '[]',   -- label volumes in mL
-    reviewer TEXT NOT NULL DEFAULT '',
-    item TEXT NOT NULL DEFAULT '',        -- the queue item of a submitted correction
-    files TEXT NOT NULL DEFAULT '{}',     -- {"mask": sha256, "uncertainty": sha256, "reviewed": sha256}
-    updated TEXT NOT NULL DEFAULT '',
-    UNIQUE (source, series, volume)
-);
-CREATE TABLE IF NOT EXISTS versions (
-    version TEXT PRIMARY KEY,
-    model TEXT NOT NULL,
-    created TEXT NOT NULL,
-    parent TEXT NOT NULL DEFAULT '',
-    status TEXT NOT NULL,                 -- promoted, rejected, base
-    reason TEXT NOT NULL DEFAULT '',
-    metrics TEXT NOT NULL DEFAULT '{}',
-    lineage TEXT NOT NULL DEFAULT '[]',   -- the items it was trained on
-    sha256 TEXT NOT NULL DEFAULT ''
-);
-"""
 FILES = ("scan", "label", "prediction")
 VALIDATION_EVERY = 5   # with split "auto", every fifth item joins the frozen validation set
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def deidentified_geometry(geometry: ScanGeometry) -> ScanGeometry:
@@ -149,13 +85,8 @@ class Workspace:
         self.items_dir = self.folder / "items"
         try:
             self.items_dir.mkdir(exist_ok=True)
-            self._db = sqlite3.connect(str(self.folder / "index.sqlite"), timeout=60, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=60000")
-            self._db.executescript(SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
+            self.store = SQLiteStore(self.folder / "index.sqlite")
+        except (OSError, StorageError) as exc:
             raise MedsegError(f"cannot open workspace '{self.folder.name}': {exc}") from None
         self._clean_up()
 
@@ -169,53 +100,21 @@ class Workspace:
         return cls(home / "workspace")
 
     def close(self) -> None:
-        self._db.close()
-
-    # -- transactions ---------------------------------------------------------------------
-    def query(self, sql: str, values=()) -> list:
-        return self._db.execute(sql, values).fetchall()
-
-    def write(self):
-        """A write transaction (a context manager giving the connection)."""
-        return self._write()
-
-    def _write(self):
-        """A write transaction: BEGIN IMMEDIATE takes SQLite's write lock at once."""
-        workspace = self
-
-        class _Transaction:
-            def __enter__(self):
-                workspace._db.execute("BEGIN IMMEDIATE")
-                return workspace._db
-
-            def __exit__(self, kind, value, traceback):
-                workspace._db.execute("COMMIT" if kind is None else "ROLLBACK")
-                return False
-
-        return _Transaction()
+        self.store.close()
 
     def _clean_up(self) -> None:
         """Remove what a killed writer left: staging folders of dead processes, and item
         folders whose row was never committed (checked under the write lock)."""
-        for entry in self.items_dir.iterdir():
-            if entry.name.startswith(".staging-"):
-                pid = entry.name.split("-")[1]
-                if pid.isdigit() and not _alive(int(pid)):
-                    shutil.rmtree(entry, ignore_errors=True)
-        with self._write() as db:
-            known = {row[0] for row in db.execute("SELECT id FROM items")}
-            for entry in self.items_dir.iterdir():
-                if not entry.name.startswith(".") and entry.name not in known:
-                    shutil.rmtree(entry, ignore_errors=True)
+        with self.store.transaction() as tx:
+            sweep_staging(self.items_dir, tx.item_ids())
 
     # -- settings ----------------------------------------------------------------------------
     def setting(self, key: str, default=None):
-        row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else default
+        return self.store.setting(key, default)
 
     def set_setting(self, key: str, value) -> None:
-        with self._write() as db:
-            db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+        with self.store.transaction() as tx:
+            tx.set_setting(key, value)
 
     # -- the queue ------------------------------------------------------------------------------
     def submit(self, scan: np.ndarray, geometry: ScanGeometry, label: np.ndarray, prediction: np.ndarray | None = None,
@@ -235,9 +134,8 @@ class Workspace:
             raise MedsegError(f"the prediction has shape {np.shape(prediction)}, the label {label.shape}")
         clean = deidentified_geometry(geometry)
         item_id = uuid.uuid4().hex
-        staging = self.items_dir / f".staging-{os.getpid()}-{item_id}"
         try:
-            staging.mkdir()
+            staging = staging_folder(self.items_dir, item_id)
         except OSError as exc:
             raise MedsegError(f"could not store the correction in workspace '{self.folder.name}': "
                               f"{exc.strerror or exc}; it is still open, try again") from None
@@ -255,45 +153,25 @@ class Workspace:
                               "it is still open, try again") from None
         changed = edited_voxels(prediction, label) if prediction is not None else 0
         try:
-            with self._write() as db:
+            with self.store.transaction() as tx:
                 if split == "auto":
-                    count = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+                    count = tx.count_items()
                     split = "validation" if count % VALIDATION_EVERY == VALIDATION_EVERY - 1 else "train"
                 os.rename(staging, self.items_dir / item_id)
                 fsync_path(self.items_dir, directory=True)
-                db.execute("INSERT INTO items (id, created, status, split, reviewer, note, model, edited_voxels, "
-                           "label_names, files, origin) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
-                           (item_id, _now(), split, reviewer, note, model, changed,
-                            json.dumps({str(k): v for k, v in (label_names or {}).items()}), json.dumps(hashes),
-                            origin))
-        except (OSError, sqlite3.Error) as exc:
+                tx.insert_item(id=item_id, created=utc_timestamp(), status="queued", split=split, reviewer=reviewer,
+                               note=note, model=model, edited_voxels=changed,
+                               label_names={str(k): v for k, v in (label_names or {}).items()}, files=hashes,
+                               origin=origin)
+        except (OSError, StorageError) as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise MedsegError(f"could not store the correction in workspace '{self.folder.name}': "
                               f"{getattr(exc, 'strerror', None) or exc}; it is still open, try again") from None
         return self.item(item_id)
 
-    def _row_to_item(self, row) -> Item:
-        keys = ("id", "created", "status", "split", "reviewer", "note", "model", "edited_voxels", "label_names",
-                "files", "used_by", "origin")
-        data = dict(zip(keys, row))
-        data["label_names"] = json.loads(data["label_names"])
-        data["files"] = json.loads(data["files"])
-        return Item(**data)
-
     def items(self, status: str | None = None, split: str | None = None) -> list:
-        query = ("SELECT id, created, status, split, reviewer, note, model, edited_voxels, label_names, files, "
-                 "used_by, origin FROM items")
-        clauses, values = [], []
-        if status:
-            clauses.append("status = ?")
-            values.append(status)
-        if split:
-            clauses.append("split = ?")
-            values.append(split)
-        if clauses:
-            query += " WHERE " + " AND ".join(clauses)
-        # Submission order (SQLite rowid): the same in every copy of a workspace, so training is reproducible.
-        return [self._row_to_item(row) for row in self._db.execute(query + " ORDER BY rowid", values)]
+        """The queue's items in submission order."""
+        return [Item(**row) for row in self.store.items(status, split)]
 
     def item(self, item_id: str) -> Item:
         found = [i for i in self.items() if i.id == item_id or i.id.startswith(item_id)]
@@ -320,10 +198,9 @@ class Workspace:
     def set_status(self, ids: list, status: str, used_by: str = "") -> None:
         if status not in ("queued", "used", "rejected"):
             raise MedsegError(f"status must be queued, used or rejected, not {status!r}")
-        with self._write() as db:
+        with self.store.transaction() as tx:
             for item_id in ids:
-                db.execute("UPDATE items SET status = ?, used_by = CASE WHEN used_by = '' THEN ? ELSE used_by END "
-                           "WHERE id = ?", (status, used_by, item_id))
+                tx.set_item_status(item_id, status, used_by)
 
     def verify(self) -> list:
         """Problems between the index and the files (an empty list when they agree)."""
@@ -364,11 +241,10 @@ class Workspace:
         network, roi_network = networks_from_state(state, card, path.name)
         first = card.replace(version="v1", provenance={**card.provenance, "workspace_base": card.title})
         self.registry.add_version(network, first, make_current=True, roi_network=roi_network)
-        with self._write() as db:
-            db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES ('model_name', ?)", (json.dumps(card.name),))
-            db.execute("INSERT OR REPLACE INTO versions (version, model, created, status, reason, sha256) "
-                       "VALUES ('v1', ?, ?, 'base', ?, ?)",
-                       (card.name, _now(), f"a copy of {card.title}", card.content_sha256 or ""))
+        with self.store.transaction() as tx:
+            tx.set_setting("model_name", card.name)
+            tx.record_version(version="v1", model=card.name, created=utc_timestamp(), status="base",
+                              reason=f"a copy of {card.title}", sha256=card.content_sha256 or "")
         return card.name
 
     def current_version(self) -> str | None:
@@ -384,14 +260,10 @@ class Workspace:
         return self.registry.load(self.model_name, for_training=for_training)
 
     def versions(self) -> list:
-        rows = self._db.execute("SELECT version, model, created, parent, status, reason, metrics, lineage, sha256 "
-                                "FROM versions").fetchall()
-        current = self.current_version()
         from .models import version_key
 
-        out = [{"version": r[0], "model": r[1], "created": r[2], "parent": r[3], "status": r[4], "reason": r[5],
-                "metrics": json.loads(r[6]), "lineage": json.loads(r[7]), "sha256": r[8],
-                "current": r[0] == current} for r in rows]
+        current = self.current_version()
+        out = [{**row, "current": row["version"] == current} for row in self.store.versions()]
         return sorted(out, key=lambda v: version_key(v["version"]))
 
     def next_version(self) -> str:
@@ -400,11 +272,9 @@ class Workspace:
 
     def record_version(self, version: str, parent: str, status: str, reason: str, metrics: dict, lineage: list,
                        sha256: str = "") -> None:
-        with self._write() as db:
-            db.execute("INSERT OR REPLACE INTO versions (version, model, created, parent, status, reason, metrics, "
-                       "lineage, sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (version, self.model_name, _now(), parent, status, reason, json.dumps(metrics),
-                        json.dumps(lineage), sha256))
+        with self.store.transaction() as tx:
+            tx.record_version(version=version, model=self.model_name, created=utc_timestamp(), parent=parent,
+                              status=status, reason=reason, metrics=metrics, lineage=lineage, sha256=sha256)
 
     def rollback(self, version: str) -> None:
         """Make an earlier (kept) version the one in use."""

@@ -16,7 +16,6 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from ..privacy import library_warnings_silenced
 from ..progress import Progress, report

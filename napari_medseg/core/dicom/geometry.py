@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .discovery import Instance, normal_of
+from .discovery import Instance
 
 SHEAR_TOLERANCE = 0.01      # in-plane drift below 1 % of a pixel is no shear
 GAP_TOLERANCE = 0.01        # gaps within 1 % of each other are equal

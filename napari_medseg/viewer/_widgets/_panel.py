@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from magicgui.widgets import Container
+from napari.utils.notifications import show_error, show_info
 
 
 class DockPanel(Container):
@@ -21,3 +22,22 @@ class DockPanel(Container):
     @property
     def native(self):
         return self.root_native_widget
+
+    def refuse_to_start(self, verb: str, running: str, model_hint: str = "") -> bool:
+        """True, after a notification, when a run cannot start: no scan, no model, or one already running.
+
+        ``self._image``, ``self._model`` and ``self.task`` are the dock's scan, model and last run.
+        """
+        if self._image.value is None:
+            show_error(f"napari-medseg: open a 3D scan first (no image layer to {verb})")
+        elif self._model.value is None:
+            show_error(f"napari-medseg: no model is installed{model_hint}")
+        elif self.task is not None and self.task.running:
+            show_info(f"napari-medseg: {running} is already running")
+        else:
+            return False
+        return True
+
+    def running_task(self):
+        """The run under way, or None."""
+        return self.task if self.task is not None and self.task.running else None

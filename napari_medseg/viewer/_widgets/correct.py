@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from magicgui.widgets import (ComboBox, FileEdit, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton,
                               SpinBox, Table)
-from napari.layers import Image, Labels
+from napari.layers import Labels
 from napari.utils.notifications import show_error, show_info
 
 from ._panel import DockPanel

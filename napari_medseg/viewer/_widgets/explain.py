@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from magicgui.widgets import ComboBox, FloatSlider, Label, PushButton, SpinBox, Table
 from napari.layers import Image, Labels, Points, Shapes
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error
 
 from ._panel import DockPanel
 from .._layers import layer_geometry, make_metadata, medseg_meta
@@ -196,16 +196,9 @@ class ExplainWidget(DockPanel):
         return mask
 
     def run(self) -> BackgroundTask | None:
+        if self.refuse_to_start("explain", "an explanation", ""):
+            return self.running_task()
         layer = self._image.value
-        if layer is None:
-            show_error("napari-medseg: open a 3D scan first (no image layer to explain)")
-            return None
-        if self._model.value is None:
-            show_error("napari-medseg: no model is installed")
-            return None
-        if self.task is not None and self.task.running:
-            show_info("napari-medseg: an explanation is already running")
-            return self.task
         if self._method.value is None:
             show_error("napari-medseg: this model's card offers no explanation maps")
             return None

@@ -10,7 +10,7 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_info, show_warning
 
 from ._panel import DockPanel
-from .._layers import (layer_geometry, make_metadata, medseg_meta, segmentation_layers, viewer_warnings,
+from .._layers import (make_metadata, medseg_meta, segmentation_layers, viewer_warnings,
                        volume_to_layer_data, write_layer_mask)
 from .._worker import BackgroundTask, notify_warnings
 from ...core.dicom import describe_series

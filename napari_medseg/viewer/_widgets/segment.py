@@ -112,16 +112,9 @@ class SegmentWidget(DockPanel):
                       "it was selected, nothing was copied")
 
     def run(self) -> BackgroundTask | None:
+        if self.refuse_to_start("segment", "a segmentation", "; import a model file first"):
+            return self.running_task()
         layer = self._image.value
-        if layer is None:
-            show_error("napari-medseg: open a 3D scan first (no image layer to segment)")
-            return None
-        if self._model.value is None:
-            show_error("napari-medseg: no model is installed; import a model file first")
-            return None
-        if self.task is not None and self.task.running:
-            show_info("napari-medseg: a segmentation is already running")
-            return self.task
         scan = scan_image_of(layer)
         if not self._in_scope(scan):
             self._status.value = "not run: the scan is outside the model's scope"
