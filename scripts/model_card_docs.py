@@ -102,7 +102,7 @@ def rendered_documents() -> dict:
         blocks.append(f"**`{card.name}` {card.version}** ([model card]({page.relative_to(ROOT)})):\n\n"
                       + figures_table(card, peer=card.name == "brain-t1"))
     readme = ROOT / "README.md"
-    text = readme.read_text()
+    text = readme.read_text(encoding="utf-8")
     pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
     if not pattern.search(text):
         raise SystemExit(f"README.md has no {START} ... {END} section")
@@ -112,7 +112,7 @@ def rendered_documents() -> dict:
 
 def main() -> None:
     for path, text in rendered_documents().items():
-        path.write_text(text)
+        path.write_text(text, encoding="utf-8")
         print(f"wrote {path.relative_to(ROOT)}")
 
 

@@ -190,7 +190,7 @@ def test_bundled_cards_carry_their_evaluation_rows(name):
 
 def test_the_docs_pages_and_readme_agree_with_the_bundled_cards():
     stale = [str(path.name) for path, text in _model_card_docs().rendered_documents().items()
-             if not path.exists() or path.read_text() != text]
+             if not path.exists() or path.read_text(encoding="utf-8") != text]
     assert not stale, f"{stale} disagree with the cards; run scripts/model_card_docs.py"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from ..core.privacy import scrub
@@ -28,6 +29,18 @@ def say(message: str, stream=None) -> None:
 def warn(messages) -> None:
     for message in messages:
         say(f"warning: {message}")
+
+
+def printed_json_or_empty(args, rows: list, to_dict, empty: str) -> bool:
+    """For a listing: the rows as JSON with ``--json``, or ``empty`` when there are none.
+    True when that was all there is to print."""
+    if args.json:
+        print(json.dumps([to_dict(row) for row in rows], indent=2))
+        return True
+    if not rows:
+        print(empty)
+        return True
+    return False
 
 
 def add_input_options(parser: argparse.ArgumentParser) -> None:

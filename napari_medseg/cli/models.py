@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..core.defaults import DEVICE_HELP, DEVICES
 from ..core.errors import MedsegError
-from ._common import Formatter, open_workspace, say, stderr_progress
+from ._common import Formatter, open_workspace, printed_json_or_empty, say, stderr_progress
 
 
 def add_parsers(sub) -> None:
@@ -121,11 +121,7 @@ def cmd_list(args) -> int:
         print("* = the version predictions use")
         return 0
     entries = ModelRegistry().entries()
-    if args.json:
-        print(json.dumps([e.summary() for e in entries], indent=2))
-        return 0
-    if not entries:
-        print("no models installed")
+    if printed_json_or_empty(args, entries, lambda row: row.summary(), "no models installed"):
         return 0
     print(f"{'name':<20} {'version':<10} {'source':<8} {'modality':<8} {'labels':<22} held-out Dice (model card)")
     for entry in entries:

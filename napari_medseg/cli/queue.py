@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 
 from ..core.defaults import (DEVICE_HELP, DEVICES, FINETUNE_LEARNING_RATE, FINETUNE_REPLAY, FINETUNE_STEPS,
                              FINETUNE_TOLERANCE)
-from ._common import Formatter, add_volume_options, open_workspace, say, stderr_progress
+from ._common import (Formatter, add_volume_options, open_workspace, printed_json_or_empty, say,
+                      stderr_progress)
 
 
 def add_parsers(sub) -> None:
@@ -80,11 +80,7 @@ def cmd_queue_submit(args) -> int:
 
 def cmd_queue_list(args) -> int:
     items = open_workspace(args, create=False).items()
-    if args.json:
-        print(json.dumps([item.summary() for item in items], indent=2))
-        return 0
-    if not items:
-        print("the queue is empty")
+    if printed_json_or_empty(args, items, lambda row: row.summary(), "the queue is empty"):
         return 0
     print(f"{'id':<14} {'created':<26} {'status':<9} {'split':<11} {'edited':>8}  reviewer / note")
     for item in items:

@@ -8,7 +8,8 @@ from pathlib import Path
 from ..core.defaults import DEFAULT_OVERLAP, DEVICE_HELP, DEVICES
 from ..core.errors import MedsegError, MultipleSeriesError, OutOfScope
 from ..core.privacy import scrub
-from ._common import Formatter, add_input_options, load_model_of, model_inputs, stderr_progress, warn
+from ._common import (Formatter, add_input_options, load_model_of, model_inputs, printed_json_or_empty,
+                      stderr_progress, warn)
 
 
 def add_parsers(sub) -> None:
@@ -254,11 +255,7 @@ def cmd_recover(args) -> int:
     root = autosave.root_of(args.workspace)
     if args.list:
         sessions = autosave.list_sessions(root)
-        if args.json:
-            print(json.dumps([session.to_dict() for session in sessions], indent=2))
-            return 0
-        if not sessions:
-            print("no autosaved edits to recover")
+        if printed_json_or_empty(args, sessions, lambda row: row.to_dict(), "no autosaved edits to recover"):
             return 0
         print(f"{'id':<26} {'last autosave':<26} {'state':<10} {'edited':>8}  scan")
         for session in sessions:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ..core.defaults import DEFAULT_OVERLAP, DEVICE_HELP, DEVICES
-from ._common import Formatter, open_workspace, say, stderr_progress, warn
+from ._common import Formatter, open_workspace, printed_json_or_empty, say, stderr_progress, warn
 
 
 def add_parsers(sub) -> None:
@@ -97,11 +97,7 @@ def cmd_list(args) -> int:
     from ..core.worklist import Worklist
 
     cases = Worklist(open_workspace(args, create=False)).cases(order=args.order, status=args.status)
-    if args.json:
-        print(json.dumps([case.summary() for case in cases], indent=2))
-        return 0
-    if not cases:
-        print("the worklist is empty")
+    if printed_json_or_empty(args, cases, lambda row: row.summary(), "the worklist is empty"):
         return 0
     print(f"{'id':<18} {'status':<10} {'uncertainty':>11}  {'model':<22} name / volumes / reason")
     for case in cases:

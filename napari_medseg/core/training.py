@@ -146,7 +146,7 @@ def read_dataset(data_dir: str | Path, progress: Progress | None = None) -> Data
     if not meta_path.is_file():
         raise MedsegError(f"'{data_dir.name}' has no dataset.json (expected the MSD / nnU-Net layout)")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MedsegError(f"dataset.json in '{data_dir.name}' is not valid JSON ({exc})") from None
     if not isinstance(meta, dict):

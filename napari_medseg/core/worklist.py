@@ -192,7 +192,7 @@ def _folder_cases(folder: Path) -> list[Found]:
 def _dataset_cases(path: Path) -> list[Found]:
     """The images of an MSD (``training``/``test`` lists) or nnU-Net v2 (``file_ending``) dataset."""
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise MedsegError(f"'{path.name}' is not a readable dataset.json: {exc}") from None
     root = path.parent
@@ -223,7 +223,7 @@ def _dataset_cases(path: Path) -> list[Found]:
 def _csv_cases(path: Path) -> list[Found]:
     """Paths from the first column (or a column named path, image, scan or file), relative to the CSV."""
     try:
-        rows = list(csv.reader(path.read_text().splitlines()))
+        rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise MedsegError(f"'{path.name}' is not a readable CSV file: {exc}") from None
     rows = [row for row in rows if row and any(cell.strip() for cell in row)]

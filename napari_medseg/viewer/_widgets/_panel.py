@@ -15,9 +15,14 @@ class DockPanel(Container):
     Here ``.native`` is the scroll area itself.
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, napari_viewer, **kwargs):
         super().__init__(scrollable=True, **kwargs)
         self.root_native_widget._magic_widget = self  # napari's dock finds the widget through it
+        from .._autosave import install
+
+        self.viewer = napari_viewer
+        self._autosave = install(napari_viewer)  # edits in this viewer are autosaved
+        self.task = None  # the dock's last background run (a BackgroundTask)
 
     @property
     def native(self):

@@ -38,9 +38,7 @@ class CorrectWidget(DockPanel):
     """Correct a labels layer, submit it, and teach the model from the queue."""
 
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.task: BackgroundTask | None = None
+        super().__init__(napari_viewer)
         self.process = None
         self.last_result: dict | None = None
         self._labels = ComboBox(label="Correction", choices=self._labels_layers,
@@ -95,9 +93,6 @@ class CorrectWidget(DockPanel):
             event.connect(lambda _e=None: self._labels.reset_choices())
         self._watched = None
         prediction_events.recorded.connect(self._prediction_recorded)
-        from .._autosave import install
-
-        self._autosave = install(napari_viewer)
         self._workspace_changed()
         self._watch()
 

@@ -38,12 +38,7 @@ class ExplainWidget(DockPanel):
     doubtful regions are listed (a click moves the viewer there)."""
 
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        from .._autosave import install
-
-        install(napari_viewer)  # edits in this viewer are autosaved
-        self.task: BackgroundTask | None = None
+        super().__init__(napari_viewer)
         self.registry = ModelRegistry()
         # What the chosen model's card offers. The drop-downs read it through callables, since
         # napari resets every choice of a docked widget whenever a layer is added or removed.

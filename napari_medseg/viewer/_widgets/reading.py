@@ -82,7 +82,7 @@ def layout_settings_path():
 def layout_settings() -> dict:
     try:
         return {"open_by_default": False, "convention": "radiological", "coordinates": "RAS",
-                **json.loads(layout_settings_path().read_text())}
+                **json.loads(layout_settings_path().read_text(encoding="utf-8"))}
     except (OSError, ValueError):
         return {"open_by_default": False, "convention": "radiological", "coordinates": "RAS"}
 

@@ -31,11 +31,7 @@ class RecoverWidget(DockPanel):
     """List autosaved edits and put one back on its scan."""
 
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        from .._autosave import install
-
-        self._autosave = install(napari_viewer)
+        super().__init__(napari_viewer)
         self.root = self._autosave.root
         self.sessions: list = []
         self._info = Label(value="")

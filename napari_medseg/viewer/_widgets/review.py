@@ -35,9 +35,7 @@ class ReviewWidget(DockPanel):
     """Review the worklist: next/previous, Accept, Submit correction, Skip."""
 
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.task: BackgroundTask | None = None
+        super().__init__(napari_viewer)
         self.current: OpenedCase | None = None
         self.layers: dict = {}
         self._prefetched: dict = {}
@@ -78,9 +76,6 @@ class ReviewWidget(DockPanel):
         self.viewer.bind_key(KEYS["next"], lambda _v: self.step(+1), overwrite=True)
         self.viewer.bind_key(KEYS["previous"], lambda _v: self.step(-1), overwrite=True)
         self.viewer.bind_key(KEYS["accept"], lambda _v: self.accept(), overwrite=True)
-        from .._autosave import install
-
-        self._autosave = install(napari_viewer)
         self.cases: list = []
         self._workspace_changed()
 

@@ -25,12 +25,7 @@ class ScanWidget(DockPanel):
     """Open a scan file or DICOM folder, inspect it, window it and save masks."""
 
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        from .._autosave import install
-
-        install(napari_viewer)  # edits in this viewer are autosaved
-        self.task: BackgroundTask | None = None
+        super().__init__(napari_viewer)
         # Set when the last open needs a choice: a 4D file or a multi-series folder.
         self.needs_volume = False
         self.needs_series = False

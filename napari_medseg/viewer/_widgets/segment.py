@@ -44,12 +44,7 @@ class SegmentWidget(DockPanel):
     """Pick an image layer and a model, Run, and get a Labels layer with volumes."""
 
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        from .._autosave import install
-
-        install(napari_viewer)  # edits in this viewer are autosaved
-        self.task: BackgroundTask | None = None
+        super().__init__(napari_viewer)
         self.registry = ModelRegistry()
         self.last_layer = None
         # Asked before running a scan the model card says is out of scope; replaceable
