@@ -69,4 +69,6 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   pip_install "${TORCH_ARGS[@]}"
 fi
 echo "[setup] installing napari-medseg[$EXTRAS]"
-pip_install -e ".[$EXTRAS]"
+# Keep the torch installed above: a dependency (timm's torchvision) must not pull another build.
+TORCH_PIN="torch==$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
+pip_install -e ".[$EXTRAS]" "$TORCH_PIN"
