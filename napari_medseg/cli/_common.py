@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from ..core.defaults import DEFAULT_OVERLAP, DEVICE_HELP, DEVICES
 from ..core.privacy import scrub
 
 EXIT_USER_ERROR = 2
@@ -41,6 +42,14 @@ def printed_json_or_empty(args, rows: list, to_dict, empty: str) -> bool:
         print(empty)
         return True
     return False
+
+
+def add_inference_options(parser: argparse.ArgumentParser) -> None:
+    """--device, --overlap and --tta: how a segmentation runs (``predict``, ``worklist run``)."""
+    parser.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
+    parser.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP, metavar="F",
+                        help="minimum overlap between windows, 0 <= F < 1")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation by mirroring (4x time)")
 
 
 def add_input_options(parser: argparse.ArgumentParser) -> None:

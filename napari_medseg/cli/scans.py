@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..core.defaults import DEFAULT_OVERLAP, DEVICE_HELP, DEVICES
+from ..core.defaults import DEVICE_HELP, DEVICES
 from ..core.errors import MedsegError, MultipleSeriesError, OutOfScope
 from ..core.privacy import scrub
-from ._common import (Formatter, add_input_options, load_model_of, model_inputs, printed_json_or_empty,
-                      stderr_progress, warn)
+from ._common import (Formatter, add_inference_options, add_input_options, load_model_of, model_inputs,
+                      printed_json_or_empty, stderr_progress, warn)
 
 
 def add_parsers(sub) -> None:
@@ -26,10 +26,7 @@ def add_parsers(sub) -> None:
                          help="label mask to write (.nii.gz, .nii, .nrrd, .mha); its folder must exist")
     predict.add_argument("--model", default=None, metavar="NAME|PATH",
                          help="model name (NAME or NAME@VERSION) or model file; default: brain-t1")
-    predict.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
-    predict.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP, metavar="F",
-                         help="minimum overlap between windows, 0 <= F < 1")
-    predict.add_argument("--tta", action="store_true", help="test-time augmentation by mirroring (4x time)")
+    add_inference_options(predict)
     predict.add_argument("--probabilities", default=None, metavar="OUT.nii.gz",
                          help="also write per-class probabilities (4D float, classes last)")
     predict.add_argument("--workspace", default=None, metavar="W",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from ..core.defaults import DEFAULT_OVERLAP, DEVICE_HELP, DEVICES
-from ._common import Formatter, open_workspace, printed_json_or_empty, say, stderr_progress, warn
+from ._common import (Formatter, add_inference_options, open_workspace, printed_json_or_empty, say,
+                      stderr_progress, warn)
 
 
 def add_parsers(sub) -> None:
@@ -27,10 +27,7 @@ def add_parsers(sub) -> None:
     running.add_argument("--workspace", required=True, metavar="W", help="workspace folder")
     running.add_argument("--model", default=None, metavar="NAME|PATH",
                          help="model name or file (default: the workspace's promoted version, else brain-t1)")
-    running.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
-    running.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP, metavar="F",
-                         help="minimum overlap between windows, 0 <= F < 1")
-    running.add_argument("--tta", action="store_true", help="test-time augmentation by mirroring (4x time)")
+    add_inference_options(running)
     running.add_argument("--limit", type=int, default=None, metavar="N", help="predict at most N cases")
     running.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     running.set_defaults(func=cmd_run)

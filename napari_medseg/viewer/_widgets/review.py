@@ -84,18 +84,22 @@ class ReviewWidget(DockPanel):
     def folder(self) -> Path:
         return Path(self._workspace.value)
 
-    def _open(self) -> tuple[Workspace, Worklist]:
-        workspace = Workspace(self.folder)
+    def _open(self) -> tuple[Workspace, Worklist] | None:
+        """The workspace and its worklist, or None after a notification that says why not."""
+        try:
+            workspace = Workspace(self.folder)
+        except MedsegError as exc:
+            show_error(f"napari-medseg: {exc}")
+            return None
         return workspace, Worklist(workspace)
 
     def _workspace_changed(self) -> None:
         """Show the worklist and reopen the case the reviewer stopped at."""
         set_workspace_folder(self.viewer, self.folder)
-        try:
-            workspace, _ = self._open()
-        except MedsegError as exc:
-            show_error(f"napari-medseg: {exc}")
+        opened = self._open()
+        if opened is None:
             return
+        workspace, _ = opened
         try:
             order = workspace.setting(ORDER_KEY, "uncertainty")
             current = workspace.setting(CURRENT_KEY)
@@ -121,11 +125,10 @@ class ReviewWidget(DockPanel):
             workspace.close()
 
     def refresh(self) -> None:
-        try:
-            workspace, worklist = self._open()
-        except MedsegError as exc:
-            show_error(f"napari-medseg: {exc}")
+        opened = self._open()
+        if opened is None:
             return
+        workspace, worklist = opened
         try:
             self.cases = worklist.cases(order=self._order.value)
             counts = worklist.counts()
@@ -146,7 +149,10 @@ class ReviewWidget(DockPanel):
     def add(self, path) -> None:
         if not path or not str(path).strip() or str(path) in (".", ""):
             return
-        workspace, worklist = self._open()
+        opened = self._open()
+        if opened is None:
+            return
+        workspace, worklist = opened
         try:
             added, known = worklist.add([path])
         except MedsegError as exc:
@@ -351,7 +357,10 @@ class ReviewWidget(DockPanel):
 
     # -- decisions ---------------------------------------------------------------------------------------
     def _set_status(self, status: str, reason: str = "", item: str | None = None) -> None:
-        workspace, worklist = self._open()
+        opened = self._open()
+        if opened is None:
+            return
+        workspace, worklist = opened
         try:
             reviewer = self._reviewer.value.strip()
             if reviewer:
@@ -367,7 +376,10 @@ class ReviewWidget(DockPanel):
     def _save_reviewed(self) -> bool:
         from .._autosave import mark_clean
 
-        workspace, worklist = self._open()
+        opened = self._open()
+        if opened is None:
+            return
+        workspace, worklist = opened
         try:
             self.current.case = worklist.store_reviewed(self.current.case, self._labels_now(),
                                                         self.current.volume.geometry)
