@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +141,51 @@ def test_plans_that_name_anything_but_a_known_network_are_refused(key, value, wo
     with pytest.raises(MedsegError) as caught:
         build_network(plans, "3d_fullres", 1, 3)
     assert "\n" not in str(caught.value) and (words is None or words in str(caught.value)), str(caught.value)
+
+
+@pytest.fixture(scope="module")
+def planned_by_nnunet(tmp_path_factory):
+    """plans.json as nnU-Net 2.8's own fingerprint extractor and planner write it, for two
+    crops of pyradiomics' lung CTs with thresholded body and bone labels."""
+    import SimpleITK as sitk
+
+    from dicom_factory import pyradiomics_scan
+
+    root = tmp_path_factory.mktemp("nnunet")
+    raw = root / "raw" / "Dataset001_Tiny"
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    for index, name in enumerate(("lung1", "lung2")):
+        image = sitk.ReadImage(str(pyradiomics_scan(name)))
+        size = image.GetSize()
+        crop = sitk.RegionOfInterest(image, [96, 96, min(24, size[2])], [size[0] // 2 - 48, size[1] // 2 - 48, 0])
+        values = sitk.GetArrayFromImage(crop)
+        labels = sitk.GetImageFromArray(((values > -500).astype(np.uint8) + (values > 300)).astype(np.uint8))
+        labels.CopyInformation(crop)
+        sitk.WriteImage(crop, str(raw / "imagesTr" / f"case{index}_0000.nii.gz"))
+        sitk.WriteImage(labels, str(raw / "labelsTr" / f"case{index}.nii.gz"))
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"},
+                                                  "labels": {"background": 0, "body": 1, "bone": 2},
+                                                  "numTraining": 2, "file_ending": ".nii.gz"}))
+    env = {**os.environ, "nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
+           "nnUNet_results": str(root / "results")}
+    bin_dir = Path(sys.executable).parent
+    for command in (["nnUNetv2_extract_fingerprint", "-d", "1", "-np", "1"], ["nnUNetv2_plan_experiment", "-d", "1"]):
+        subprocess.run([str(bin_dir / command[0]), *command[1:]], env=env, check=True, capture_output=True)
+    return json.loads((root / "pre" / "Dataset001_Tiny" / "nnUNetPlans.json").read_text())
+
+
+def test_the_network_is_the_one_nnunets_own_code_builds_from_its_planners_plans(planned_by_nnunet):
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    architecture = planned_by_nnunet["configurations"]["3d_fullres"]["architecture"]
+    theirs = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                    architecture["_kw_requires_import"], 1, 3, deep_supervision=False)
+    ours = build_network(planned_by_nnunet, "3d_fullres", 1, 3)
+    assert type(ours) is type(theirs)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    ours.load_state_dict(theirs.state_dict())
+    patch = planned_by_nnunet["configurations"]["3d_fullres"]["patch_size"]
+    x = torch.randn(1, 1, *patch)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), theirs.eval()(x))
