@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from napari_medseg.core.errors import MedsegError
-from napari_medseg.core.nnunet import build_network, find_results_folder, read_checkpoint
+from napari_medseg.core.nnunet import build_network, channel_normalisations, find_results_folder, read_checkpoint
 
 # The architecture entry as nnU-Net v2's planner writes it (ExperimentPlanner, PlainConvUNet),
 # shrunk to two stages.
@@ -189,3 +189,28 @@ def test_the_network_is_the_one_nnunets_own_code_builds_from_its_planners_plans(
     x = torch.randn(1, 1, *patch)
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(x), theirs.eval()(x))
+
+
+def test_ct_normalisation_is_nnunets_ctnormalization_on_a_real_ct(planned_by_nnunet):
+    import SimpleITK as sitk
+    from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization
+
+    from dicom_factory import pyradiomics_scan
+    from napari_medseg.core.pipeline import intensity_statistics, normalise
+
+    [card_normalisation] = channel_normalisations(planned_by_nnunet, "3d_fullres")
+    assert card_normalisation.kind == "ct_zscore"
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(pyradiomics_scan("lung2")))).astype(np.float32)
+    properties = planned_by_nnunet["foreground_intensity_properties_per_channel"]["0"]
+    theirs = CTNormalization(use_mask_for_norm=False, intensityproperties=properties).run(image.copy())
+    stats = intensity_statistics(image, card_normalisation)
+    ours = normalise(torch.from_numpy(image), card_normalisation, stats).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    assert float(np.std(ours)) > 0.1  # the real CT spans the window
+
+
+def test_a_plans_normalisation_not_reproduced_yet_is_refused_in_one_line(planned_by_nnunet):
+    plans = json.loads(json.dumps(planned_by_nnunet))
+    plans["configurations"]["3d_fullres"]["normalization_schemes"] = ["ZScoreNormalization"]
+    with pytest.raises(MedsegError, match="ZScoreNormalization, which the import does not reproduce yet"):
+        channel_normalisations(plans, "3d_fullres")

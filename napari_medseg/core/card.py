@@ -34,7 +34,7 @@ AXIS_ORDERS = ("SPL", "RAS")            # SPL: napari layer order; RAS: nibabel 
 ROI_KINDS = ("none", "body", "network")
 GRID_KINDS = ("spacing", "shape")
 INTERPOLATIONS = ("area", "linear", "nearest")
-NORMALISATIONS = ("ct", "mr_robust_zscore", "quantile_zscore")
+NORMALISATIONS = ("ct", "mr_robust_zscore", "quantile_zscore", "ct_zscore")
 STATISTICS = ("region", "field_of_view")
 OUTPUTS = ("logits", "probabilities")
 POSTPROCESSING = ("inside_body", "largest_component", "fill_holes")
@@ -148,6 +148,9 @@ class Normalisation:
     the 0.5/99.5 percentiles, z-score with the median and IQR of the bright voxels.
     ``quantile_zscore`` (deepbet's): scale the ``quantiles`` to [0, 1], clip, z-score
     with the network input's own mean and SD, then map to ``mean`` and ``std``.
+    ``ct_zscore`` (nnU-Net's CTNormalization): clip HU to ``window`` (the training set's
+    foreground 0.5/99.5 percentiles), then subtract ``mean`` and divide by ``std`` (its
+    foreground mean and SD), all fixed in the card.
     ``statistics``: ``region`` (the region of interest, so air padding does not move
     them) or ``field_of_view`` (the whole scan, as deepbet's own code does).
     """
@@ -161,8 +164,10 @@ class Normalisation:
 
     def to_dict(self) -> dict:
         out = {"kind": self.kind, "statistics": self.statistics}
-        if self.kind == "ct":
+        if self.kind in ("ct", "ct_zscore"):
             out["window"] = list(self.window)
+        if self.kind == "ct_zscore":
+            out.update(mean=self.mean, std=self.std)
         if self.kind == "quantile_zscore":
             out.update(quantiles=list(self.quantiles), mean=self.mean, std=self.std)
         return out
@@ -343,7 +348,7 @@ def _pipeline(raw, where: str) -> Pipeline:
     norm_raw = raw.get("normalisation") or {}
     norm_kind = _choice(norm_raw.get("kind"), NORMALISATIONS, "the intensity normalisation", where)
     window = None
-    if norm_kind == "ct":
+    if norm_kind in ("ct", "ct_zscore"):
         window = tuple(float(v) for v in norm_raw.get("window", (-1000.0, 1000.0)))
         if len(window) != 2 or window[0] >= window[1]:
             raise ModelError(f"'{where}': the CT window must be [low, high] with low < high")

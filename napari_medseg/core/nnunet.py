@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .card import Normalisation
 from .errors import MedsegError
 
 # What ``torch.load(weights_only=True)`` may rebuild beyond tensors and plain containers:
@@ -196,3 +197,24 @@ def find_results_folder(path: str | Path) -> ResultsFolder:
     folds = {match.group(1): child for child in sorted(folder.iterdir())
              if child.is_dir() and (match := FOLD_PATTERN.match(child.name))}
     return ResultsFolder(folder=folder, dataset=dataset, plans=plans, configuration=parts[2], folds=folds)
+
+
+def channel_normalisations(plans: dict, configuration: str) -> list:
+    """Each input channel's normalisation as the card declares it, from the plans."""
+    try:
+        schemes = plans["configurations"][configuration]["normalization_schemes"]
+        properties = plans.get("foreground_intensity_properties_per_channel") or {}
+    except (KeyError, TypeError):
+        raise MedsegError(f"plans.json has no normalization_schemes for configuration '{configuration}'") from None
+    out = []
+    for channel, scheme in enumerate(schemes):
+        if scheme != "CTNormalization":
+            raise MedsegError(f"plans.json: channel {channel} uses {scheme}, which the import does not "
+                              "reproduce yet (only CTNormalization)")
+        stats = properties.get(str(channel))
+        if not stats:
+            raise MedsegError(f"plans.json has no foreground intensity properties for channel {channel}")
+        out.append(Normalisation(kind="ct_zscore", window=(float(stats["percentile_00_5"]),
+                                                           float(stats["percentile_99_5"])),
+                                 mean=float(stats["mean"]), std=float(stats["std"]), statistics="field_of_view"))
+    return out

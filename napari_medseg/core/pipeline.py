@@ -272,7 +272,7 @@ def paste(full: np.ndarray, values: np.ndarray, region: tuple) -> None:
 def intensity_statistics(sample: np.ndarray, normalisation: Normalisation) -> dict:
     """The statistics a normalisation needs, from a sample of the region (or field of view)."""
     kind = normalisation.kind
-    if kind == "ct":
+    if kind in ("ct", "ct_zscore"):
         low, high = normalisation.window
         return {"low": low, "high": high}
     if kind == "mr_robust_zscore":
@@ -299,6 +299,8 @@ def normalise(tensor: torch.Tensor, normalisation: Normalisation, stats: dict) -
     low, high = stats["low"], stats["high"]
     if kind == "ct":
         return (tensor.clamp(low, high) - (low + high) / 2) / ((high - low) / 2)
+    if kind == "ct_zscore":
+        return (tensor.clamp(low, high) - normalisation.mean) / max(normalisation.std, 1e-8)
     if kind == "mr_robust_zscore":
         return (tensor.clamp(low, high) - stats["offset"]) / stats["scale"]
     # quantile_zscore: deepbet's normalize(): scale, clip, z-score on the input, remap.
