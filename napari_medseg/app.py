@@ -17,8 +17,9 @@ def build_viewer(scan: str | None = None, widgets: tuple = WIDGETS):
     its window fitted to the screen; returns (viewer, {name: widget})."""
     import napari
 
-    from .viewer._window import fit_to_screen
+    from .viewer._window import fit_to_screen, prefer_our_reader
 
+    prefer_our_reader(PLUGIN)
     viewer = napari.Viewer(title="napari-medseg")
     docked, docks = {}, {}
     for index, name in enumerate(widgets):

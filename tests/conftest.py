@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -12,6 +13,8 @@ import pytest
 from napari_medseg.core.geometry import axis_rotation
 
 os.environ.setdefault("QT_API", "pyqt5")
+# napari's settings (reader preferences among them) in a file of this test process, never the user's.
+os.environ["NAPARI_CONFIG"] = os.path.join(tempfile.mkdtemp(prefix="napari-settings-"), "settings.yaml")
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 REPO = Path(__file__).resolve().parents[1]
 

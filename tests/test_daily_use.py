@@ -222,3 +222,31 @@ def test_review_submits_off_the_gui_thread(make_napari_viewer, qtbot, worklist_f
     assert widget.submit()
     qtbot.waitUntil(lambda: bool(on_gui_thread) and (widget.task is None or not widget.task.running), timeout=60000)
     assert on_gui_thread == [False]
+
+
+def test_the_app_has_napari_open_scans_and_folders_with_our_reader_unless_the_user_chose(
+        make_napari_viewer, nifti_factory, tmp_path, monkeypatch):
+    import numpy as np
+    from napari.settings import get_settings
+
+    from conftest import random_volume, write_dicom_series
+    from napari_medseg.app import PLUGIN
+    from napari_medseg.viewer._layers import medseg_meta
+    from napari_medseg.viewer._window import prefer_our_reader
+
+    settings = get_settings().plugins
+    monkeypatch.setattr(settings, "extension2reader", {"*.nrrd": "napari"})
+    viewer = make_napari_viewer()
+    nifti = nifti_factory("head.nii.gz")
+    # plugin=None: what napari's File > Open does (viewer.open's default is napari's own reader).
+    with pytest.raises(Exception, match="Multiple plugins"):  # napari's own reader claims .nii.gz too
+        viewer.open(str(nifti), plugin=None)
+    added = prefer_our_reader(PLUGIN)
+    assert "*.nii.gz" in added and "*/" in added and "*.nrrd" not in added
+    assert settings.extension2reader["*.nrrd"] == "napari"  # the user's own choice stays
+    [image] = viewer.open(str(nifti), plugin=None)
+    assert medseg_meta(image).get("geometry")
+    study = write_dicom_series(tmp_path / "study", random_volume((6, 16, 16)), (0, 0, 0), (1, 1, 1), np.eye(3))
+    [series] = viewer.open(str(study), plugin=None)
+    assert 6 in series.data.shape
+    assert prefer_our_reader(PLUGIN) == []  # nothing twice

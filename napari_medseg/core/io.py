@@ -47,7 +47,7 @@ def is_supported_path(path: str | os.PathLike) -> bool:
     """True for files with a scan extension and for folders that may hold DICOM."""
     path = Path(path)
     if path.is_dir():
-        return True
+        return path.suffix.lower() != ".zarr"  # a zarr store is a folder that is never DICOM
     return suffix_of(path) != "" or dicom.looks_like_dicom_file(path)
 
 

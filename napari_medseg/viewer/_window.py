@@ -70,3 +70,22 @@ def tabify_with_plugin_docks(viewer, dock) -> None:
             break
     dock.show()
     dock.raise_()
+
+
+# The scan files this plugin reads that napari's own reader also claims; without a
+# preference napari asks "Choose reader" on every open.
+SCAN_PATTERNS = ("*.nii", "*.nii.gz", "*.nrrd", "*.nhdr", "*.mha", "*.mhd", "*.dcm")
+
+
+def prefer_our_reader(plugin: str) -> list:
+    """Make ``plugin`` napari's reader for scan files and for folders (DICOM studies), where
+    the user has not chosen another: napari remembers a folder choice only for that one
+    folder, so each new study would ask again. Returns the patterns it set."""
+    from napari.settings import get_settings
+
+    settings = get_settings().plugins
+    chosen = dict(settings.extension2reader)
+    added = [pattern for pattern in (*SCAN_PATTERNS, "*/") if pattern not in chosen]
+    if added:
+        settings.extension2reader = {**chosen, **{pattern: plugin for pattern in added}}
+    return added
