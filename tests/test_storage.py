@@ -90,5 +90,5 @@ def test_only_the_storage_module_speaks_sql():
 
     package = Path(napari_medseg.__file__).parent
     speaking = [str(path.relative_to(package)) for path in package.rglob("*.py")
-                if path.name != "storage.py" and any(word in path.read_text() for word in ("sqlite3", ".execute("))]
+                if path.name != "storage.py" and any(word in path.read_text(encoding="utf-8") for word in ("sqlite3", ".execute("))]
     assert speaking == [], f"{speaking} write SQL themselves; add a named operation to core/storage.py"
