@@ -105,8 +105,7 @@ class _Builder:
         kwargs = {key: self.value(item, f"{where}::{key}", package)
                   for key, item in spec.items() if key not in SPECIAL_KEYS}
         if cls.__name__ == "Compose" and isinstance(kwargs.get("transforms"), list):
-            kwargs["transforms"] = [t for t in kwargs["transforms"]
-                                    if t is not None and type(t).__name__ not in LEFT_OUT]
+            kwargs["transforms"] = [t for t in kwargs["transforms"] if t is not None]  # left out or disabled
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as exc:

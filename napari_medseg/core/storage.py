@@ -118,10 +118,13 @@ class Transaction:
     def count_items(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
 
+    def _insert(self, table: str, fields: dict, verb: str = "INSERT"):
+        fields = _encoded(table, fields)
+        return self._db.execute(f"{verb} INTO {table} ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})",
+                                list(fields.values()))
+
     def insert_item(self, **fields) -> None:
-        fields = _encoded("items", fields)
-        self._db.execute(f"INSERT INTO items ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})",
-                         list(fields.values()))
+        self._insert("items", fields)
 
     def set_item_status(self, item_id: str, status: str, used_by: str = "") -> None:
         """The item's status; ``used_by`` is kept from the first version that learned from it."""
@@ -130,17 +133,12 @@ class Transaction:
 
     # model versions
     def record_version(self, **fields) -> None:
-        fields = _encoded("versions", fields)
-        self._db.execute(f"INSERT OR REPLACE INTO versions ({', '.join(fields)}) "
-                         f"VALUES ({', '.join('?' * len(fields))})", list(fields.values()))
+        self._insert("versions", fields, "INSERT OR REPLACE")
 
     # the worklist
     def add_case(self, **fields) -> bool:
         """Add a case; False when the same scan (source, series, volume) is listed already."""
-        fields = _encoded("cases", fields)
-        cursor = self._db.execute(f"INSERT OR IGNORE INTO cases ({', '.join(fields)}) "
-                                  f"VALUES ({', '.join('?' * len(fields))})", list(fields.values()))
-        return bool(cursor.rowcount)
+        return bool(self._insert("cases", fields, "INSERT OR IGNORE").rowcount)
 
     def update_case(self, case_id: str, **fields) -> None:
         assignments, values = _assignments("cases", CASE_COLUMNS, fields)
