@@ -10,6 +10,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -211,6 +212,125 @@ def test_ct_normalisation_is_nnunets_ctnormalization_on_a_real_ct(planned_by_nnu
 
 def test_a_plans_normalisation_not_reproduced_yet_is_refused_in_one_line(planned_by_nnunet):
     plans = json.loads(json.dumps(planned_by_nnunet))
-    plans["configurations"]["3d_fullres"]["normalization_schemes"] = ["ZScoreNormalization"]
-    with pytest.raises(MedsegError, match="ZScoreNormalization, which the import does not reproduce yet"):
+    plans["configurations"]["3d_fullres"]["normalization_schemes"] = ["RescaleTo01Normalization"]
+    with pytest.raises(MedsegError, match="RescaleTo01Normalization, which the import does not reproduce yet"):
         channel_normalisations(plans, "3d_fullres")
+
+
+@pytest.mark.parametrize("use_mask", [True, False])
+def test_zscore_is_nnunets_zscorenormalization_with_and_without_its_mask_rule(use_mask):
+    """On a real brain MR with its background set to zero (as BraTS ships them)."""
+    import SimpleITK as sitk
+    from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
+    from nnunetv2.preprocessing.normalization.default_normalization_schemes import ZScoreNormalization
+
+    from dicom_factory import pyradiomics_scan
+    from napari_medseg.core.card import Normalisation
+    from napari_medseg.core.pipeline import _normalised, intensity_statistics, nonzero_box
+
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(pyradiomics_scan("brain1")))).astype(np.float32)
+    image[image < np.percentile(image, 40)] = 0
+    data, seg, _box = crop_to_nonzero(image[None].copy())
+    theirs = ZScoreNormalization(use_mask_for_norm=use_mask, intensityproperties={}).run(data[0].copy(), seg[0])
+    from scipy import ndimage
+
+    region = image[nonzero_box(image)]
+    mask = ndimage.binary_fill_holes(region != 0) if use_mask else None
+    normalisation = Normalisation(kind="zscore", use_mask=use_mask)
+    stats = intensity_statistics(region[mask] if use_mask else region, normalisation)
+    ours = _normalised(torch.from_numpy(region), normalisation, stats, mask).numpy()
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+
+
+# -- a genuine results folder: nnU-Net's own planner and trainer on real CT ---------------------
+
+@pytest.fixture(scope="module")
+def genuine():
+    """Folds 0 and 1 trained by nnU-Net's own trainer (see ``nnunet_factory``), with a held-out scan
+    at another voxel size (0.8 x 0.8 x 4 mm against the model's 0.6 x 0.6 x 5 mm)."""
+    from nnunet_factory import build
+
+    return build()
+
+
+def cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "napari_medseg.cli", *map(str, args)], capture_output=True,
+                          encoding="utf-8", errors="replace", **kwargs)
+
+
+def _nnunet_predict(genuine, folds, tta, out):
+    from nnunet_factory import CONFIGURATION, TRAINER, environment
+
+    source = out / "input"
+    source.mkdir(parents=True)
+    (source / "case_0000.nii.gz").write_bytes(genuine["held_out"].read_bytes())
+    command = [str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(source), "-o", str(out / "theirs"),
+               "-d", "1", "-c", CONFIGURATION, "-tr", TRAINER, "-f", *folds, "-device", "cpu", "--save_probabilities"]
+    done = subprocess.run(command + ([] if tta else ["--disable_tta"]), env=environment(genuine["root"]),
+                          capture_output=True, encoding="utf-8", errors="replace")
+    assert done.returncode == 0, done.stderr[-2000:]
+    labels = np.asarray(nib.load(out / "theirs" / "case.nii.gz").dataobj)
+    return labels, np.load(out / "theirs" / "case.npz")["probabilities"]     # (C, z, y, x)
+
+
+def dice(a, b) -> float:
+    return 1.0 if not a.any() and not b.any() else 2 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+
+def test_preparation_is_nnunets_preprocessing_on_a_scan_at_another_voxel_size(genuine):
+    """Transpose, crop to non-zero, CTNormalization and the spline resampling with the separate
+    z axis: our network input equals nnU-Net's DefaultPreprocessor's, voxel for voxel."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from napari_medseg.core.io import read_volume
+    from napari_medseg.core.nnunet import model_from_results_folder
+    from napari_medseg.core.pipeline import prepare
+
+    _network, card = model_from_results_folder(genuine["folder"], folds=["0"])
+    volume = read_volume(genuine["held_out"])
+    ours = prepare(volume.layer_data(), volume.geometry.layer_affine_ras, card)
+    plans = PlansManager(load_json(str(genuine["folder"] / "plans.json")))
+    theirs, _seg, _properties = DefaultPreprocessor(verbose=False).run_case(
+        [str(genuine["held_out"])], None, plans, plans.get_configuration("3d_fullres"),
+        load_json(str(genuine["folder"] / "dataset.json")))
+    assert ours.resampled and ours.model_shape == theirs.shape[1:] == (24, 91, 91)
+    np.testing.assert_allclose(ours.tensor.numpy(), theirs[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("folds, tta", [(["0"], True), (["0"], False), (["0", "1"], True), (["0", "1"], False)],
+                         ids=["1 fold", "1 fold, --disable_tta", "2 folds", "2 folds, --disable_tta"])
+def test_our_prediction_is_nnunetv2_predicts_on_a_genuine_results_folder(genuine, tmp_path, folds, tta):
+    imported = cli("models", "import-nnunet", genuine["folder"], "--folds", *folds, "--name", "lung-ct")
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.startswith(f"imported lung-ct v1.0.0: {len(folds)} fold(s), 2 classes (body, bone), CT")
+    theirs, their_probabilities = _nnunet_predict(genuine, folds, tta, tmp_path)
+    done = cli("predict", genuine["held_out"], "-o", tmp_path / "ours.nii.gz", "--probabilities",
+               tmp_path / "ours_p.nii.gz", "--model", "lung-ct", "--tta" if tta else "--no-tta")
+    assert done.returncode == 0, done.stderr
+    ours = np.asarray(nib.load(tmp_path / "ours.nii.gz").dataobj)
+    probabilities = np.asarray(nib.load(tmp_path / "ours_p.nii.gz").dataobj)      # (x, y, z, C)
+    probabilities = np.moveaxis(probabilities, -1, 0).transpose(0, 3, 2, 1)
+    assert ours.shape == theirs.shape
+    scores = {c: dice(ours == c, theirs == c) for c in (1, 2)}
+    assert (theirs == 2).sum() > 100, "the trained model finds bone"
+    assert min(scores.values()) >= 0.99, scores
+    assert np.abs(probabilities - their_probabilities).max() < 1e-3
+
+
+def test_a_genuine_folder_imports_once_and_refuses_folds_it_does_not_have(genuine):
+    first = cli("models", "import-nnunet", genuine["folder"].parent)
+    assert first.returncode == 0 and "2 fold(s)" in first.stdout, first.stderr
+    again = cli("models", "import-nnunet", genuine["folder"].parent)
+    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1] == (
+        "napari-medseg: error: Dataset001_LungCT-3d_fullres v1.0.0 is already installed; pass --version "
+        "(or --name) to import another copy")
+    missing = cli("models", "import-nnunet", genuine["folder"], "--folds", "3", "--version", "2")
+    assert missing.returncode == 2 and "has no fold 3" in missing.stderr.splitlines()[-1]
+    shown = cli("models", "show", "Dataset001_LungCT-3d_fullres", "--json")
+    card = json.loads(shown.stdout)
+    assert card["pipeline"]["windows"]["mirror_axes"] == [0, 1, 2] and card["pipeline"]["grid"]["spacing"][0] == 5.0
+    assert card["provenance"]["folds"] == ["0", "1"] and card["licence"].startswith("not stated")

@@ -102,3 +102,21 @@ def test_maps_come_back_onto_the_scan_grid(registry, head):
     labels = labels_to_scan(probabilities, prepared)
     assert labels.shape == image.shape and set(np.unique(labels)) <= {0, 1}
     np.testing.assert_array_equal(labels[box] == 1, inside > 0.5)
+
+
+@pytest.mark.parametrize("order", ["SPL", "RAS", "SAR", "PSL", "ILA"])
+def test_any_axis_order_is_a_view_that_comes_back_and_crops_the_same(order):
+    """An axis order names the direction of each working axis (nnU-Net's transposes give PSL
+    and the like; TotalSegmentator's canonical images are SAR): the working view, its inverse,
+    and a crop read as one block of the layer array all agree."""
+    from napari_medseg.core.pipeline import crop, crop_working, from_working, spacing_to_working, to_working
+
+    layer = np.random.default_rng(0).normal(size=(5, 6, 7)).astype(np.float32)
+    working = to_working(layer, order)
+    assert np.array_equal(from_working(working, order), layer)
+    assert np.array_equal(from_working(to_working(torch.from_numpy(layer), order), order).numpy(), layer)
+    letters = {"S": 0, "I": 0, "P": 1, "A": 1, "L": 2, "R": 2}
+    assert working.shape == tuple(layer.shape[letters[c]] for c in order)
+    assert spacing_to_working((1.0, 2.0, 3.0), order) == tuple(float(letters[c] + 1) for c in order)
+    region = (slice(1, 4), slice(-1, 3), slice(2, 9))
+    assert np.array_equal(crop_working(layer, region, order, -5.0), crop(np.ascontiguousarray(working), region, -5.0))

@@ -49,7 +49,19 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     parser.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP, metavar="F",
                         help="minimum overlap between windows, 0 <= F < 1")
-    parser.add_argument("--tta", action="store_true", help="test-time augmentation by mirroring (4x time)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="test-time augmentation by mirroring (4x time; an imported nnU-Net model mirrors "
+                             "over its allowed axes, 8x, and does so by default, as nnUNetv2_predict does)")
+    parser.add_argument("--windows", choices=("card", "ours"), default="card",
+                        help="card: tile as the model declares (nnU-Net's fixed step for an imported nnU-Net "
+                             "model); ours: our engine's window plan, fewer voxels")
+
+
+def inference_settings(args):
+    """The InferenceSettings that --device, --overlap, --tta and --windows ask for."""
+    from ..core.inference import InferenceSettings
+
+    return InferenceSettings(device=args.device, overlap=args.overlap, tta=args.tta, windows=args.windows)
 
 
 def add_input_options(parser: argparse.ArgumentParser) -> None:

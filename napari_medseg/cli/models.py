@@ -76,6 +76,23 @@ def add_parsers(sub) -> None:
                     "installed is not imported twice.")
     importing.add_argument("path", metavar="FILE", help="the model file to import")
     importing.set_defaults(func=cmd_import)
+    nnunet = models_sub.add_parser(
+        "import-nnunet", formatter_class=Formatter,
+        help="import a trained nnU-Net v2 results folder (or TotalSegmentator's) as a model",
+        description="Import a trained nnU-Net v2 configuration (TRAINER__PLANS__CONFIG/ with dataset.json, "
+                    "plans.json and fold_*/checkpoint_*.pth), or the dataset folder above it. The network is "
+                    "built from plans.json with nnU-Net's own network package; the checkpoints are read "
+                    "without running pickled code; the card declares nnU-Net's pipeline, so that predictions "
+                    "reproduce nnUNetv2_predict's. The model becomes the current version of its name.")
+    nnunet.add_argument("folder", metavar="DIR", help="the trained configuration folder, or its dataset folder")
+    nnunet.add_argument("--folds", nargs="+", default=None, metavar="F",
+                        help="folds to average, such as 0 1 (all: the folder's fold_all); "
+                             "default: every numbered fold present, as nnUNetv2_predict does")
+    nnunet.add_argument("--checkpoint", choices=("final", "best"), default="final",
+                        help="which checkpoint of each fold")
+    nnunet.add_argument("--name", default=None, help="model name (default: DatasetNNN_Name-CONFIGURATION)")
+    nnunet.add_argument("--version", default=None, help="model version (default: 1.0.0)")
+    nnunet.set_defaults(func=cmd_import_nnunet)
     convert = models_sub.add_parser(
         "convert", formatter_class=Formatter,
         help="convert a published network into a model (deepbet)",
@@ -162,6 +179,18 @@ def cmd_import(args) -> int:
     else:
         print(f"{entry.name} v{entry.version} is already installed ({entry.source}, same content hash); "
               "nothing was imported")
+    return 0
+
+
+def cmd_import_nnunet(args) -> int:
+    from ..core.nnunet import import_nnunet
+
+    entry = import_nnunet(args.folder, folds=args.folds, checkpoint=args.checkpoint, name=args.name,
+                          version=args.version, progress=stderr_progress("import"))
+    card = entry.card
+    print(f"imported {card.title}: {len(card.provenance.get('folds', []))} fold(s), {card.n_classes - 1} "
+          f"classes ({', '.join(label.name for label in card.labels[1:6])}"
+          f"{', ...' if card.n_classes > 6 else ''}), {card.modality}, into {entry.path.parent.name}/")
     return 0
 
 

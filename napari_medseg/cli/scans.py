@@ -8,7 +8,7 @@ from pathlib import Path
 from ..core.defaults import DEVICE_HELP, DEVICES
 from ..core.errors import MedsegError, MultipleSeriesError, OutOfScope
 from ..core.privacy import scrub
-from ._common import (Formatter, add_inference_options, add_input_options, load_model_of, model_inputs,
+from ._common import (Formatter, add_inference_options, add_input_options, inference_settings, load_model_of, model_inputs,
                       printed_json_or_empty, stderr_progress, warn)
 
 
@@ -154,7 +154,6 @@ def _read_scan(args, action: str):
 
 
 def cmd_predict(args) -> int:
-    from ..core.inference import InferenceSettings
     from ..core.io import MASK_SUFFIXES, NIFTI_SUFFIXES, map_file, mask_file
     from ..core.outputs import check_outputs, write_files
     from ..core.predict import predict_scan
@@ -165,7 +164,7 @@ def cmd_predict(args) -> int:
         raise MedsegError(f"cannot write probabilities to '{args.probabilities}': use .nii.gz or .nii")
     check_outputs({"-o": args.output, "--probabilities": args.probabilities},
                   [args.input] + model_inputs(args.model))
-    settings = InferenceSettings(device=args.device, overlap=args.overlap, tta=args.tta)
+    settings = inference_settings(args)
     model = load_model_of(args)
     volume, scan = _read_scan(args, "segment")
     try:

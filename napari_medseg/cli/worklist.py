@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ._common import (Formatter, add_inference_options, open_workspace, printed_json_or_empty, say,
+from ._common import (Formatter, add_inference_options, inference_settings, open_workspace, printed_json_or_empty, say,
                       stderr_progress, warn)
 
 
@@ -70,10 +70,9 @@ def cmd_add(args) -> int:
 def cmd_run(args) -> int:
     import os
 
-    from ..core.inference import InferenceSettings
     from ..core.worklist import load_worklist_model, run_worklist
 
-    settings = InferenceSettings(device=args.device, overlap=args.overlap, tta=args.tta)
+    settings = inference_settings(args)
     # Under torchrun only rank 0 opens the workspace: its SQLite index is never shared across machines.
     writer = os.environ.get("RANK", "0") == "0"
     workspace = open_workspace(args, create=False) if writer else None

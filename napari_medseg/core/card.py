@@ -30,16 +30,33 @@ from .errors import MedsegError
 FORMAT = "napari-medseg-model"
 FORMAT_VERSION = 2
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-AXIS_ORDERS = ("SPL", "RAS")            # SPL: napari layer order; RAS: nibabel canonical
-ROI_KINDS = ("none", "body", "network")
+# The direction each working axis runs toward, one letter per axis: SPL is napari's layer
+# order, RAS nibabel's canonical voxel order, SAR SimpleITK's array of a RAS image.
+AXIS_PAIRS = ("SI", "PA", "LR")
+ROI_KINDS = ("none", "body", "network", "nonzero")
 GRID_KINDS = ("spacing", "shape")
-INTERPOLATIONS = ("area", "linear", "nearest")
-NORMALISATIONS = ("ct", "mr_robust_zscore", "quantile_zscore", "ct_zscore")
+INTERPOLATIONS = ("area", "linear", "nearest", "spline")
+NORMALISATIONS = ("ct", "mr_robust_zscore", "quantile_zscore", "ct_zscore", "zscore")
+WINDOW_PLANS = ("ours", "step")
 STATISTICS = ("region", "field_of_view")
 OUTPUTS = ("logits", "probabilities")
 POSTPROCESSING = ("inside_body", "largest_component", "fill_holes")
 EXPLAIN_METHODS = ("attention", "gradcam", "entropy", "tta", "activation")
 WITH_ATTENTION_GATES = ("AttentionUNet3D",)
+
+
+PALETTE = [(0, 0, 0, 0), (0.95, 0.35, 0.2, 1), (0.2, 0.6, 1.0, 1), (0.3, 0.85, 0.3, 1),
+           (0.95, 0.8, 0.2, 1), (0.7, 0.4, 0.9, 1), (0.2, 0.85, 0.85, 1), (0.95, 0.5, 0.75, 1)]
+
+
+def default_color(value: int) -> list:
+    """A label's colour: a fixed palette for the first few, then a fixed colour per value."""
+    if value < len(PALETTE):
+        return list(PALETTE[value])
+    import numpy as np
+
+    rng = np.random.default_rng(value)
+    return [*map(float, rng.uniform(0.3, 1.0, 3)), 1.0]
 
 
 def explain_methods_for(architecture: str) -> list:
@@ -122,14 +139,35 @@ class RegionOfInterest:
         return out
 
 
+def axis_order_error(order) -> str | None:
+    """Why ``order`` is not an axis order (one letter of S/I, P/A and L/R each), or None."""
+    if not isinstance(order, str) or len(order) != 3 or \
+            sorted(next((i for i, pair in enumerate(AXIS_PAIRS) if c in pair), 9) for c in order) != [0, 1, 2]:
+        return f"the axis order must name one direction of S/I, P/A and L/R each (such as SPL or RAS), got {order!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class Grid:
-    """The network's input grid: a voxel size over the region, or a fixed shape."""
+    """The network's input grid: a voxel size over the region, or a fixed shape.
+
+    ``spline`` is nnU-Net's resampling: B-splines of ``order`` (scikit-image's resize),
+    except along an anisotropic axis (spacing ratio above ``anisotropy_threshold``),
+    which is resampled slice by slice in-plane and with ``order_z`` across; maps come
+    back with ``back_order`` / ``back_order_z`` the same way. ``separate_z`` forces
+    (True) or forbids (False) the separate axis; None decides from the spacings.
+    """
 
     kind: str
     spacing: tuple | None = None
     shape: tuple | None = None
     interpolation: str = "area"         # anti-aliased downsampling, linear upsampling
+    order: int = 3
+    order_z: int = 0
+    back_order: int = 1
+    back_order_z: int = 0
+    separate_z: bool | None = None
+    anisotropy_threshold: float = 3.0
 
     def to_dict(self) -> dict:
         out = {"kind": self.kind, "interpolation": self.interpolation}
@@ -137,7 +175,41 @@ class Grid:
             out["spacing"] = list(self.spacing)
         if self.shape is not None:
             out["shape"] = list(self.shape)
+        if self.interpolation == "spline":
+            out.update(order=self.order, order_z=self.order_z, back_order=self.back_order,
+                       back_order_z=self.back_order_z, separate_z=self.separate_z,
+                       anisotropy_threshold=self.anisotropy_threshold)
         return out
+
+
+@dataclass(frozen=True)
+class Windows:
+    """How the network's windows tile the grid, and the mirroring of test-time augmentation.
+
+    ``ours``: as few voxels as possible within a budget (see :mod:`.inference`).
+    ``step``: nnU-Net's tiling: windows of the patch size whose starts are ``step`` of a
+    patch apart, spread evenly, the grid padded (centred, with ``pad_value``) up to one
+    patch, and nnU-Net's Gaussian weights. ``mirror_axes``: test-time augmentation
+    averages every combination of flips of these axes; none named: our four flips.
+    ``mirror_by_default``: whether a prediction mirrors unless told otherwise.
+    ``blend_dtype``: what the ``step`` plan blends in (nnU-Net: float16, half the memory).
+    ``blend_folds_apart``: an ensemble's folds are blended one by one and then averaged
+    (nnU-Net's order, which float16 rounding makes visible at the patch corners), rather
+    than averaged per window.
+    """
+
+    plan: str = "ours"
+    step: float = 0.5
+    pad_value: float = 0.0
+    mirror_axes: tuple = ()
+    mirror_by_default: bool = False
+    blend_dtype: str = "float32"
+    blend_folds_apart: bool = False
+
+    def to_dict(self) -> dict:
+        return {"plan": self.plan, "step": self.step, "pad_value": self.pad_value,
+                "mirror_axes": list(self.mirror_axes), "mirror_by_default": self.mirror_by_default,
+                "blend_dtype": self.blend_dtype, "blend_folds_apart": self.blend_folds_apart}
 
 
 @dataclass(frozen=True)
@@ -151,6 +223,8 @@ class Normalisation:
     ``ct_zscore`` (nnU-Net's CTNormalization): clip HU to ``window`` (the training set's
     foreground 0.5/99.5 percentiles), then subtract ``mean`` and divide by ``std`` (its
     foreground mean and SD), all fixed in the card.
+    ``zscore`` (nnU-Net's ZScoreNormalization): the region's own mean and SD; with
+    ``use_mask``, taken over the non-zero region only, and only its voxels change.
     ``statistics``: ``region`` (the region of interest, so air padding does not move
     them) or ``field_of_view`` (the whole scan, as deepbet's own code does).
     """
@@ -161,6 +235,7 @@ class Normalisation:
     mean: float = 0.0
     std: float = 1.0
     statistics: str = "region"
+    use_mask: bool = False
 
     def to_dict(self) -> dict:
         out = {"kind": self.kind, "statistics": self.statistics}
@@ -170,6 +245,8 @@ class Normalisation:
             out.update(mean=self.mean, std=self.std)
         if self.kind == "quantile_zscore":
             out.update(quantiles=list(self.quantiles), mean=self.mean, std=self.std)
+        if self.kind == "zscore":
+            out["use_mask"] = self.use_mask
         return out
 
 
@@ -183,12 +260,15 @@ class Pipeline:
     output: str = "logits"              # what the network returns
     threshold: float | None = None      # binary models: foreground above this probability
     postprocessing: tuple = ()
+    windows: Windows = field(default_factory=Windows)
+    normalise_first: bool = False       # normalise before resampling (nnU-Net's order)
 
     def to_dict(self) -> dict:
         return {"axis_order": self.axis_order, "roi": self.roi.to_dict(), "grid": self.grid.to_dict(),
                 "normalisation": self.normalisation.to_dict(), "patch_size": list(self.patch_size),
                 "output": self.output, "threshold": self.threshold,
-                "postprocessing": list(self.postprocessing)}
+                "postprocessing": list(self.postprocessing), "windows": self.windows.to_dict(),
+                "normalise_first": self.normalise_first}
 
 
 @dataclass(frozen=True)
@@ -218,6 +298,7 @@ class ModelCard:
     licence: str | None = None
     citation: str | None = None
     content_sha256: str | None = None
+    channels: tuple = ("image",)        # the input images the network takes, by name
 
     # -- convenient views ----------------------------------------------------------
     @property
@@ -254,6 +335,8 @@ class ModelCard:
             "metrics": copy.deepcopy(self.metrics),
             "licence": self.licence, "citation": self.citation,
         }
+        if tuple(self.channels) != ("image",):
+            out["channels"] = list(self.channels)
         if self.roi_network is not None:
             out["roi_network"] = self.roi_network.to_dict()
         if self.content_sha256:
@@ -338,13 +421,22 @@ def _pipeline(raw, where: str) -> Pipeline:
         raise ModelError(f"'{where}': a first-stage network needs its input shape")
     grid_raw = raw.get("grid") or {}
     kind = _choice(grid_raw.get("kind"), GRID_KINDS, "the grid kind", where)
+    separate_z = grid_raw.get("separate_z")
     grid = Grid(
         kind=kind,
         spacing=_positive(grid_raw.get("spacing"), "the voxel size (target spacing)", where)
         if kind == "spacing" else None,
         shape=_positive(grid_raw.get("shape"), "the grid shape", where, integer=True) if kind == "shape" else None,
         interpolation=_choice(grid_raw.get("interpolation", "area"), INTERPOLATIONS, "the interpolation", where),
+        order=int(grid_raw.get("order", 3)), order_z=int(grid_raw.get("order_z", 0)),
+        back_order=int(grid_raw.get("back_order", 1)), back_order_z=int(grid_raw.get("back_order_z", 0)),
+        separate_z=None if separate_z is None else bool(separate_z),
+        anisotropy_threshold=float(grid_raw.get("anisotropy_threshold", 3.0)),
     )
+    if grid.interpolation == "spline" and not (0 <= grid.order <= 5 and grid.order_z in (0, 1)
+                                               and grid.back_order in (0, 1) and grid.back_order_z in (0, 1)):
+        raise ModelError(f"'{where}': spline resampling takes order 0-5, and orders 0 or 1 across the "
+                         "anisotropic axis and back onto the scan")
     norm_raw = raw.get("normalisation") or {}
     norm_kind = _choice(norm_raw.get("kind"), NORMALISATIONS, "the intensity normalisation", where)
     window = None
@@ -359,6 +451,7 @@ def _pipeline(raw, where: str) -> Pipeline:
         kind=norm_kind, window=window, quantiles=quantiles,
         mean=float(norm_raw.get("mean", 0.0)), std=float(norm_raw.get("std", 1.0)),
         statistics=_choice(norm_raw.get("statistics", "region"), STATISTICS, "the statistics' source", where),
+        use_mask=bool(norm_raw.get("use_mask", False)),
     )
     if normalisation.std <= 0:
         raise ModelError(f"'{where}': the normalisation SD must be positive")
@@ -368,13 +461,28 @@ def _pipeline(raw, where: str) -> Pipeline:
     post = tuple(raw.get("postprocessing") or ())
     for step in post:
         _choice(step, POSTPROCESSING, "a post-processing step", where)
+    windows_raw = raw.get("windows") or {}
+    windows = Windows(
+        plan=_choice(windows_raw.get("plan", "ours"), WINDOW_PLANS, "the window plan", where),
+        step=float(windows_raw.get("step", 0.5)), pad_value=float(windows_raw.get("pad_value", 0.0)),
+        mirror_axes=tuple(int(a) for a in windows_raw.get("mirror_axes") or ()),
+        mirror_by_default=bool(windows_raw.get("mirror_by_default", False)),
+        blend_dtype=_choice(windows_raw.get("blend_dtype", "float32"), ("float32", "float16"),
+                            "the blending precision", where),
+        blend_folds_apart=bool(windows_raw.get("blend_folds_apart", False)),
+    )
+    if not 0 < windows.step <= 1 or any(a not in (0, 1, 2) for a in windows.mirror_axes):
+        raise ModelError(f"'{where}': the window step must lie in (0, 1] and mirror axes be 0, 1 or 2")
+    axis_order = raw.get("axis_order", "SPL")
+    if axis_order_error(axis_order):
+        raise ModelError(f"'{where}': {axis_order_error(axis_order)}")
     return Pipeline(
-        axis_order=_choice(raw.get("axis_order", "SPL"), AXIS_ORDERS, "the axis order", where),
+        axis_order=axis_order,
         roi=roi, grid=grid, normalisation=normalisation,
         patch_size=_positive(raw.get("patch_size"), "the patch size", where, integer=True),
         output=_choice(raw.get("output", "logits"), OUTPUTS, "the network output", where),
         threshold=None if threshold is None else float(threshold),
-        postprocessing=post,
+        postprocessing=post, windows=windows, normalise_first=bool(raw.get("normalise_first", False)),
     )
 
 
@@ -417,6 +525,7 @@ def parse_card(data, where: str) -> ModelCard:
         explain=explain, provenance=dict(data.get("provenance") or {}), metrics=dict(data.get("metrics") or {}),
         licence=data.get("licence"), citation=data.get("citation"),
         content_sha256=data.get("content_sha256"),
+        channels=tuple(str(c) for c in data.get("channels") or ("image",)),
     )
 
 

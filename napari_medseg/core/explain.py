@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from .card import EXPLAIN_METHODS
 from .errors import MedsegError
 from .geometry import RAS_TO_LPS, voxel_spacing
-from .inference import TTA_FLIPS, InferenceSettings, NetworkPredictor, normalised_entropy, sliding_window
+from .inference import InferenceSettings, NetworkPredictor, mirror_flips, normalised_entropy, sliding_window
 from .network import class_scores
 from .pipeline import onto_grid_nearest, prepare, to_scan
 from .progress import Progress, report, span
@@ -237,18 +237,19 @@ def explain(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, method
 
 def _explain(layer_array, affine, model, method, target, layer, channel, region, settings, progress) -> Explanation:
     card = model.card
+    settings = settings.for_card(card)
     report(progress, 0.0, "preparing the scan")
     from .devices import pick_device
 
     prepared = prepare(layer_array, affine, card, model.roi_network, pick_device(settings.device))
-    flips = TTA_FLIPS if settings.tta else ((),)
+    flips = mirror_flips(card) if settings.tta else ((),)
     common = {"output": card.pipeline.output, "amp": settings.amp, "flips": flips}
     output = card.pipeline.output
     patch = card.pipeline.patch_size
     info = {"model": model.title, "method": method}
     if method in ("entropy", "tta"):
         predictor = NetworkPredictor(model.network, output=output, amp=settings.amp,
-                                     flips=TTA_FLIPS if method == "tta" else flips, variance=method == "tta")
+                                     flips=mirror_flips(card) if method == "tta" else flips, variance=method == "tta")
         keep = ("tta_variance",) if method == "tta" else (output,)
         result = sliding_window(prepared.tensor, predictor, patch, settings, labels_from=None, keep=keep,
                                 progress=span(progress, 0.05, 0.85))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -32,7 +32,8 @@ import torch
 from .defaults import DEFAULT_OVERLAP
 from .devices import autocast, check_device_name, pick_device, uses_amp
 from .errors import MedsegError
-from .pipeline import PreparedScan, body_mask, labels_to_scan, largest_component, layer_spacing, prepare, to_scan
+from .pipeline import (PreparedScan, body_mask, labels_to_scan, largest_component, layer_spacing, prepare,
+                       probabilities_to_scan, to_scan)
 from .progress import Progress, report, span
 
 # Scores on the network grid up to this many bytes are kept, so that labels can come
@@ -40,6 +41,7 @@ from .progress import Progress, report, span
 KEEP_SCORES_BYTES = 256 * 2**20
 # Mirror flips for test-time augmentation (spatial axes of a (N, C, D, H, W) batch).
 TTA_FLIPS = ((), (2,), (3,), (4,))
+WINDOW_CHOICES = ("card", "ours")
 
 
 @dataclass
@@ -49,7 +51,11 @@ class InferenceSettings:
     ``roi_size=None`` plans windows automatically (see :func:`plan_windows`);
     ``overlap`` is the minimum overlap of neighbouring windows, as a fraction of
     the model's patch; ``amp=None`` means automatic mixed precision on CUDA only (bf16
-    where the GPU supports it, else fp16); ``tta`` averages mirrored passes.
+    where the GPU supports it, else fp16); ``tta`` averages mirrored passes (None: as
+    the model's card says). ``windows``: ``card`` tiles as the card declares (an
+    imported nnU-Net model: nnU-Net's fixed step), ``ours`` always plans our windows.
+    ``step`` (set from the card) tiles with windows of the patch, ``step`` of a patch
+    apart, the grid padded with ``pad_value`` up to one patch, as nnU-Net does.
     """
 
     device: str = "auto"
@@ -57,13 +63,36 @@ class InferenceSettings:
     overlap: float = DEFAULT_OVERLAP
     sw_batch_size: int | None = None
     amp: bool | None = None
-    tta: bool = False
+    tta: bool | None = None
     window_voxels: int | None = None
+    windows: str = "card"
+    step: float | None = None
+    pad_value: float = 0.0
+    blend_dtype: str = "float32"
 
     def __post_init__(self):
         if not 0 <= float(self.overlap) < 1:
             raise MedsegError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.windows not in WINDOW_CHOICES:
+            raise MedsegError(f"windows must be one of {', '.join(WINDOW_CHOICES)}, got {self.windows!r}")
         check_device_name(self.device)
+
+    def for_card(self, card) -> "InferenceSettings":
+        """These settings with the card's defaults filled in: its mirroring and its window plan."""
+        windows = card.pipeline.windows
+        step = windows.step if windows.plan == "step" and self.windows == "card" and self.roi_size is None else None
+        return replace(self, tta=windows.mirror_by_default if self.tta is None else bool(self.tta),
+                       step=step, pad_value=windows.pad_value,
+                       blend_dtype=windows.blend_dtype if step is not None else "float32")
+
+
+def mirror_flips(card) -> tuple:
+    """The flips that test-time augmentation averages: every combination of the card's mirror
+    axes (nnU-Net's), or, when it names none, identity and one flip per axis."""
+    axes = [a + 2 for a in card.pipeline.windows.mirror_axes]
+    if not axes:
+        return TTA_FLIPS
+    return ((),) + tuple(c for k in range(1, len(axes) + 1) for c in itertools.combinations(axes, k))
 
 
 @dataclass
@@ -117,6 +146,8 @@ def plan_windows(shape: tuple, patch_size: tuple, divisor: int, settings: Infere
     ``overlap`` of the patch, sum to the fewest voxels. MONAI's usual settings (ROI =
     patch, overlap 0.25) compute a head's voxels 2.3 times; this plan about 1.2 times.
     """
+    if settings.step is not None:
+        return tuple(patch_size), [step_starts(n, p, settings.step) for n, p in zip(shape, patch_size)]
     if settings.roi_size is not None:
         roi = tuple(_round_up(min(r, _round_up(n, divisor)), divisor) for r, n in zip(settings.roi_size, shape))
         return roi, [plan_fixed_axis(n, r, settings.overlap) for n, r in zip(shape, roi)]
@@ -135,6 +166,31 @@ def plan_windows(shape: tuple, patch_size: tuple, divisor: int, settings: Infere
             best = (key, plan)
     plan = best[1]
     return tuple(roi for roi, _ in plan), [starts for _, starts in plan]
+
+
+def step_starts(size: int, tile: int, step: float) -> list[int]:
+    """nnU-Net's window starts along one axis: as few as keep neighbours at most ``step``
+    of a tile apart, spread evenly from 0 to ``size - tile`` (``size >= tile``)."""
+    count = int(np.ceil((size - tile) / (tile * step))) + 1
+    if count == 1:
+        return [0]
+    spacing = (size - tile) / (count - 1)
+    return [int(np.round(spacing * i)) for i in range(count)]
+
+
+def nnunet_importance(roi: tuple, sigma_scale: float = 0.125, device=None) -> torch.Tensor:
+    """nnU-Net's Gaussian weights: an impulse at the centre voxel (``n // 2``) smoothed by
+    scipy's Gaussian filter, peaking at 10 in float16, where the corners underflow to zero
+    and are raised to the smallest non-zero weight (``compute_gaussian``). The peak stays 10:
+    in a float16 blend a smaller scale would lose the corners' weights."""
+    from scipy.ndimage import gaussian_filter
+
+    impulse = np.zeros(roi)
+    impulse[tuple(n // 2 for n in roi)] = 1
+    weights = gaussian_filter(impulse, [n * sigma_scale for n in roi], 0, mode="constant", cval=0)
+    weights = (weights / (weights.max() / 10)).astype(np.float16)
+    weights[weights == 0] = weights[weights > 0].min()
+    return torch.from_numpy(weights.astype(np.float32)).to(device)
 
 
 def gaussian_importance(roi: tuple, sigma_scale: float = 0.125, device=None) -> torch.Tensor:
@@ -227,6 +283,10 @@ def sliding_window(image: torch.Tensor, predictor, patch_size: tuple, settings: 
     if isinstance(predictor, torch.nn.Module):
         predictor = NetworkPredictor(predictor, amp=settings.amp,
                                      flips=TTA_FLIPS if settings.tta else ((),))
+    inside = None
+    if settings.step is not None:
+        image, inside = _pad_to_patch(image if image.ndim == 4 else image[None], tuple(patch_size),
+                                      settings.pad_value)
     device = pick_device(settings.device)
     messages: list[str] = []
     while True:
@@ -234,12 +294,31 @@ def sliding_window(image: torch.Tensor, predictor, patch_size: tuple, settings: 
             result = _sliding_window_on(image, predictor.to(device), tuple(patch_size), settings, device,
                                         labels_from, threshold, tuple(keep), progress, messages)
             result.info["messages"] = messages
-            return result
+            return _cropped(result, inside) if inside is not None else result
         except _RetryOnCPU:
             messages.append("the GPU ran out of memory even with one window at a time; "
                             "the run continued on the CPU")
             report(progress, 0.0, messages[-1])
             device = torch.device("cpu")
+
+
+def _pad_to_patch(image: torch.Tensor, patch_size: tuple, value: float) -> tuple[torch.Tensor, tuple | None]:
+    """nnU-Net's padding: a ``(C, D, H, W)`` grid smaller than the patch is padded, centred,
+    with ``value``; returns it and the slices of the original inside it (None if unpadded)."""
+    shape = tuple(image.shape[1:])
+    below = [max(0, p - n) // 2 for n, p in zip(shape, patch_size)]
+    above = [max(0, p - n) - b for n, p, b in zip(shape, patch_size, below)]
+    if not any(below) and not any(above):
+        return image, None
+    pads = [v for axis in (2, 1, 0) for v in (below[axis], above[axis])]
+    return torch.nn.functional.pad(image, pads, value=value), tuple(slice(b, b + n) for b, n in zip(below, shape))
+
+
+def _cropped(result: WindowResult, inside: tuple) -> WindowResult:
+    if result.labels is not None:
+        result.labels = np.ascontiguousarray(result.labels[inside])
+    result.maps = {name: value[(slice(None),) + inside].contiguous() for name, value in result.maps.items()}
+    return result
 
 
 def _sliding_window_on(image, predictor, patch_size, settings, device, labels_from, threshold, keep,
@@ -267,14 +346,16 @@ def _sliding_window_on(image, predictor, patch_size, settings, device, labels_fr
     if len(starts[0]) * len(starts[1]) * len(starts[2]) == 1 and tuple(roi) == tuple(shape):
         return _one_window(image, predictor, device, settings, labels_from, threshold, keep, wanted, progress,
                            started, roi)
-    weights = gaussian_importance(roi, device=device)
+    weights = (nnunet_importance if settings.step is not None else gaussian_importance)(roi, device=device)
     batch = settings.sw_batch_size or (4 if device.type == "cuda" else 1)
     depth, height, width = shape
     labels = np.empty(shape, dtype=np.uint8) if labels_from else None
     maps: dict[str, torch.Tensor] = {}
     slabs: dict[str, torch.Tensor] = {}
     # Rolling slabs of blended outputs covering [base, base + roi[0]) along axis 0.
-    weight_sum = torch.zeros((roi[0], padded[1], padded[2]), dtype=torch.float32, device=device)
+    # nnU-Net blends in float16 (half the memory); its cards ask for the same, to reproduce it.
+    blend_dtype = torch.float16 if settings.blend_dtype == "float16" else torch.float32
+    weight_sum = torch.zeros((roi[0], padded[1], padded[2]), dtype=blend_dtype, device=device)
     planes = [(y, x) for y in starts[1] for x in starts[2]]
     total = len(starts[0]) * len(planes)
     done = 0
@@ -285,7 +366,8 @@ def _sliding_window_on(image, predictor, patch_size, settings, device, labels_fr
         rows = min(stop, depth) - base
         if rows <= 0:
             return
-        norm = weight_sum[:rows, :height, :width].clamp(min=1e-6)
+        norm = weight_sum[:rows, :height, :width]
+        norm = torch.where(norm > 0, norm, torch.ones_like(norm))  # float16 corners are subnormal: no clamp
         for name, slab in slabs.items():
             blended = slab[:, :rows, :height, :width] / norm
             if name in keep:
@@ -332,7 +414,7 @@ def _sliding_window_on(image, predictor, patch_size, settings, device, labels_fr
                 for name in wanted:
                     if name not in slabs:
                         n = outputs[name].shape[1]
-                        slabs[name] = torch.zeros((n, roi[0], padded[1], padded[2]), dtype=torch.float32,
+                        slabs[name] = torch.zeros((n, roi[0], padded[1], padded[2]), dtype=blend_dtype,
                                                   device=device)
                         if name in keep:
                             maps[name] = torch.empty((n, *shape), dtype=torch.float32)
@@ -439,10 +521,32 @@ def normalised_entropy(scores: torch.Tensor, output: str) -> torch.Tensor:
     return -(p * torch.log(p.clamp(min=1e-12))).sum(0) / math.log(max(p.shape[0], 2))
 
 
+def folds_blended_apart(image: torch.Tensor, model, settings: InferenceSettings, progress=None) -> WindowResult:
+    """nnU-Net's fold average: each fold's logits blended on their own, then summed and divided
+    in the blending precision (float16 for nnU-Net), so that the result is nnU-Net's own."""
+    card = model.card
+    dtype = torch.float16 if settings.blend_dtype == "float16" else torch.float32
+    folds = model.network.folds
+    total, info = None, {}
+    for index, fold in enumerate(folds):
+        predictor = NetworkPredictor(fold, output=card.pipeline.output, amp=settings.amp,
+                                     flips=mirror_flips(card) if settings.tta else ((),))
+        part = sliding_window(image, predictor, card.pipeline.patch_size, settings, labels_from=None,
+                              keep=(card.pipeline.output,),
+                              progress=span(progress, index / len(folds), (index + 1) / len(folds)))
+        logits = part.maps[card.pipeline.output].to(dtype)
+        total = logits if total is None else total.add_(logits)
+        info = {**part.info, "windows": info.get("windows", 0) + part.info["windows"],
+                "seconds": info.get("seconds", 0.0) + part.info["seconds"]}
+    total = total.div_(len(folds)).float()
+    return WindowResult(_labels_of(total, card.pipeline.threshold), {card.pipeline.output: total}, info)
+
+
 def predictor_for(model, settings: InferenceSettings, variance: bool = False) -> NetworkPredictor:
     """The predictor that runs ``model``'s network as its card declares."""
+    settings = settings.for_card(model.card)
     return NetworkPredictor(model.network, output=model.card.pipeline.output, amp=settings.amp,
-                            flips=TTA_FLIPS if settings.tta else ((),), variance=variance)
+                            flips=mirror_flips(model.card) if settings.tta else ((),), variance=variance)
 
 
 def postprocess(labels: np.ndarray, image, steps: tuple) -> np.ndarray:
@@ -489,34 +593,42 @@ def segment(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, settin
     """
     from .domain import result_warnings
 
-    settings = settings or InferenceSettings()
     card = model.card
+    settings = (settings or InferenceSettings()).for_card(card)
     report(progress, 0.0, "preparing the scan")
     prepared = prepare(layer_array, layer_affine_ras, card, model.roi_network, pick_device(settings.device))
     output = card.pipeline.output
     # Labels come from linearly resampled scores when the grid differs and the scores fit
     # in memory; otherwise they are streamed on the network grid and placed by nearest voxel.
     score_bytes = 4 * card.n_classes * int(np.prod(prepared.model_shape))
-    smooth = prepared.resampled and score_bytes <= KEEP_SCORES_BYTES
-    result = sliding_window(prepared.tensor, predictor_for(model, settings), card.pipeline.patch_size, settings,
-                            labels_from=output, threshold=card.pipeline.threshold,
-                            keep=(output,) if (smooth or want_probabilities or want_uncertainty) else (),
-                            progress=span(progress, 0.05, 0.85))
+    # nnU-Net's way back ('spline' grids) resamples the logits, so they are always kept.
+    smooth = (prepared.resampled and score_bytes <= KEEP_SCORES_BYTES) or prepared.interpolation == "spline"
+    keep = (output,) if (smooth or want_probabilities or want_uncertainty) else ()
+    if card.pipeline.windows.blend_folds_apart and settings.step is not None \
+            and int(card.network.hparams.get("folds", 1)) > 1:
+        result = folds_blended_apart(prepared.tensor, model, settings, span(progress, 0.05, 0.85))
+    else:
+        result = sliding_window(prepared.tensor, predictor_for(model, settings), card.pipeline.patch_size, settings,
+                                labels_from=output, threshold=card.pipeline.threshold, keep=keep,
+                                progress=span(progress, 0.05, 0.85))
     report(progress, 0.9, "mapping the result onto the scan grid")
     scores = result.maps.pop(output, None)
     probabilities = uncertainty = None
     if want_uncertainty:
         uncertainty = to_scan(normalised_entropy(scores, output), prepared)
-    if scores is not None and output == "logits":
-        scores = torch.softmax(scores, 0)
-    if smooth:
-        binary = card.pipeline.threshold is not None and scores.shape[0] == 2 and not want_probabilities
+    rounding = torch.float16 if settings.blend_dtype == "float16" else None
+    if want_probabilities:
+        probabilities = probabilities_to_scan(scores, prepared, output, rounding)
+    if prepared.interpolation == "spline":
+        labels = labels_to_scan(scores, prepared, dtype=rounding)
+    elif smooth:
+        if output == "logits":
+            scores = torch.softmax(scores, 0)
+        binary = card.pipeline.threshold is not None and scores.shape[0] == 2
         # A binary model needs only its foreground channel: half the memory of the resampling.
         labels = labels_to_scan(scores[1:] if binary else scores, prepared, card.pipeline.threshold)
     else:
         labels = labels_to_scan_nearest(result.labels, prepared)
-    if want_probabilities:
-        probabilities = to_scan(scores, prepared, [1.0] + [0.0] * (scores.shape[0] - 1))
     raw_labels = labels.copy() if apply_postprocessing and card.pipeline.postprocessing else labels
     if apply_postprocessing and card.pipeline.postprocessing:
         postprocess(labels, layer_array, card.pipeline.postprocessing)

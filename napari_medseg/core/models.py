@@ -112,7 +112,10 @@ def save_model(path: str | os.PathLike, network: torch.nn.Module, card: ModelCar
     state = {}
     parts = [("", network)] + ([(ROI_PREFIX, roi_network)] if roi_network is not None else [])
     for prefix, module in parts:
+        canonical = canonical_names(module)
         for name, tensor in module.state_dict().items():
+            if canonical[name] != name:
+                continue  # another name of the same tensor (nnU-Net's networks hold aliases)
             tensor = tensor.detach().cpu().contiguous()
             if half_precision and tensor.is_floating_point() and "running_" not in name:
                 tensor = tensor.half()
@@ -178,9 +181,23 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, ModelCard]:
     return state, card
 
 
+def canonical_names(module: torch.nn.Module) -> dict:
+    """Each state-dict name -> the first name of the same tensor (shared modules give several names)."""
+    first: dict = {}
+    out = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype) \
+            if tensor.numel() else (name,)
+        out[name] = first.setdefault(key, name)
+    return out
+
+
 def _build(spec, state: dict, where: str) -> torch.nn.Module:
     try:
         network = build_network(spec.architecture, spec.hparams)
+        canonical = canonical_names(network)
+        state = {name: state[first] for name, first in canonical.items() if first in state} | \
+            {name: value for name, value in state.items() if name not in canonical}
         network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     except (KeyError, TypeError, RuntimeError) as exc:
         raise ModelError(f"'{where}' does not match its declared architecture "
@@ -347,13 +364,13 @@ class ModelRegistry:
         return next(e for e in self.entries() if e.path == target), True
 
     def add_version(self, network: torch.nn.Module, card: ModelCard, make_current: bool = False,
-                    roi_network: torch.nn.Module | None = None) -> ModelEntry:
+                    roi_network: torch.nn.Module | None = None, half_precision: bool = True) -> ModelEntry:
         """Save a new version of a model into the user folder (kept for rollback)."""
         target = self.user_dir / card.name / f"{card.version}.safetensors"
         if target.exists():
             raise ModelError(f"model '{card.name}' version {card.version} already exists")
         target.parent.mkdir(parents=True, exist_ok=True)
-        save_model(target, network, card, roi_network)
+        save_model(target, network, card, roi_network, half_precision=half_precision)
         if make_current:
             self.set_current(card.name, card.version)
         return next(e for e in self.entries() if e.path == target)

@@ -310,6 +310,10 @@ def class_scores(network, x: torch.Tensor, output: str) -> torch.Tensor:
 
 
 def build_network(architecture: str, hparams: dict) -> nn.Module:
+    if architecture == "NnUNetEnsemble":  # an imported nnU-Net model (see .nnunet)
+        from .nnunet import NnUNetEnsemble
+
+        return NnUNetEnsemble(**hparams)
     if architecture not in ARCHITECTURES:
         raise KeyError(architecture)
     return ARCHITECTURES[architecture](**hparams)

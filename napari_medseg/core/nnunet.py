@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .card import Normalisation
+from .card import Normalisation, default_color, explain_methods_for, parse_card, FORMAT
 from .errors import MedsegError
+from .progress import Progress, report
 
 # What ``torch.load(weights_only=True)`` may rebuild beyond tensors and plain containers:
 # the numpy scalars and dtypes in a checkpoint's logging. Checkpoints saved under numpy 1.x
@@ -105,14 +106,26 @@ def network_class(name: str):
     return cls
 
 
-def build_network(plans: dict, configuration: str, input_channels: int, output_channels: int) -> torch.nn.Module:
-    """The configuration's network as nnU-Net builds it for inference (no deep supervision)."""
+def architecture_of(plans: dict, configuration: str) -> dict:
+    """The configuration's architecture entry: class name, keyword arguments, which of them name classes."""
     try:
         architecture = plans["configurations"][configuration]["architecture"]
-        name, kwargs = architecture["network_class_name"], dict(architecture["arch_kwargs"])
-        requires_import = list(architecture.get("_kw_requires_import") or [])
+        return {"network_class_name": str(architecture["network_class_name"]),
+                "arch_kwargs": dict(architecture["arch_kwargs"]),
+                "kw_requires_import": list(architecture.get("_kw_requires_import") or [])}
     except (KeyError, TypeError):
         raise MedsegError(f"plans.json has no architecture for configuration '{configuration}'") from None
+
+
+def build_network(plans: dict, configuration: str, input_channels: int, output_channels: int) -> torch.nn.Module:
+    """The configuration's network as nnU-Net builds it for inference (no deep supervision)."""
+    return build_from_architecture(architecture_of(plans, configuration), input_channels, output_channels)
+
+
+def build_from_architecture(architecture: dict, input_channels: int, output_channels: int) -> torch.nn.Module:
+    name = architecture["network_class_name"]
+    kwargs = dict(architecture["arch_kwargs"])
+    requires_import = list(architecture["kw_requires_import"])
     cls = network_class(name)
     for key in requires_import:
         if kwargs.get(key) is not None:
@@ -206,11 +219,15 @@ def channel_normalisations(plans: dict, configuration: str) -> list:
         properties = plans.get("foreground_intensity_properties_per_channel") or {}
     except (KeyError, TypeError):
         raise MedsegError(f"plans.json has no normalization_schemes for configuration '{configuration}'") from None
+    use_mask = list(plans["configurations"][configuration].get("use_mask_for_norm") or [False] * len(schemes))
     out = []
     for channel, scheme in enumerate(schemes):
+        if scheme == "ZScoreNormalization":
+            out.append(Normalisation(kind="zscore", use_mask=bool(use_mask[channel]), statistics="region"))
+            continue
         if scheme != "CTNormalization":
             raise MedsegError(f"plans.json: channel {channel} uses {scheme}, which the import does not "
-                              "reproduce yet (only CTNormalization)")
+                              "reproduce yet (CTNormalization and ZScoreNormalization only)")
         stats = properties.get(str(channel))
         if not stats:
             raise MedsegError(f"plans.json has no foreground intensity properties for channel {channel}")
@@ -218,3 +235,175 @@ def channel_normalisations(plans: dict, configuration: str) -> list:
                                                            float(stats["percentile_99_5"])),
                                  mean=float(stats["mean"]), std=float(stats["std"]), statistics="field_of_view"))
     return out
+
+
+class NnUNetEnsemble(torch.nn.Module):
+    """An nnU-Net configuration's folds as one network: the mean of the folds' logits.
+
+    nnU-Net averages the folds' sliding-window logits; blending and mirroring are linear,
+    so averaging each window's logits gives the same result. It is a plain ``nn.Module``
+    (Grad-CAM hooks, fine-tuning), built only from allow-listed classes (see above).
+    """
+
+    prefers_channels_last = False   # instance norm: faster in the contiguous layout, as nnU-Net runs it
+
+    def __init__(self, network_class_name: str, arch_kwargs: dict, kw_requires_import: list,
+                 in_channels: int, out_channels: int, folds: int = 1):
+        super().__init__()
+        architecture = {"network_class_name": network_class_name, "arch_kwargs": dict(arch_kwargs),
+                        "kw_requires_import": list(kw_requires_import)}
+        self.hparams = {**architecture, "in_channels": int(in_channels), "out_channels": int(out_channels),
+                        "folds": int(folds)}
+        self.folds = torch.nn.ModuleList(build_from_architecture(architecture, in_channels, out_channels)
+                                         for _ in range(int(folds)))
+
+    @property
+    def divisor(self) -> int:
+        """The smallest grid size every axis can take: the product of the strides (the largest axis's)."""
+        strides = self.hparams["arch_kwargs"].get("strides") or [[1, 1, 1]]
+        totals = [int(np.prod([s if isinstance(s, int) else s[axis] for s in strides])) for axis in range(3)]
+        return max(totals)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.folds[0](x)
+        for fold in self.folds[1:]:
+            out = out + fold(x)
+        return out / len(self.folds) if len(self.folds) > 1 else out
+
+
+# -- the import ------------------------------------------------------------------------------
+
+RESAMPLING_FUNCTIONS = {"resample_data_or_seg_to_shape"}
+ANISOTROPY_THRESHOLD = 3.0       # nnunetv2.configuration.ANISO_THRESHOLD
+CT_NAMES = {"ct", "cect", "ncct", "cta"}
+MR_NAMES = {"mr", "mri", "t1", "t1w", "t1ce", "t1c", "t1gd", "t2", "t2w", "flair", "t2f", "adc", "dwi", "pd"}
+# The voxel order nnU-Net sees: SimpleITK's array of a scan stored with the identity direction
+# (LPS), which is napari-medseg's layer order; the plans' transpose then applies to it.
+NNUNET_READ_ORDER = "SPL"
+
+
+def modality_of(channel_names: list, schemes: list) -> str:
+    """CT when every channel is CT (by name, or by CTNormalization), MR when every name is an MR sequence."""
+    names = [name.strip().lower().replace("-", "").replace(" ", "") for name in channel_names]
+    if all(n in CT_NAMES for n in names) or (schemes and all(s == "CTNormalization" for s in schemes)):
+        return "CT"
+    if names and all(n in MR_NAMES or n.startswith(("t1", "t2")) for n in names):
+        return "MR"
+    return "any"
+
+
+def _resampling(configuration: dict, which: str) -> dict:
+    name = str(configuration.get(f"resampling_fn_{which}") or "")
+    if name not in RESAMPLING_FUNCTIONS:
+        raise MedsegError(f"plans.json: resampling_fn_{which} is '{name}', which the import does not reproduce "
+                          f"(only {', '.join(sorted(RESAMPLING_FUNCTIONS))})")
+    return dict(configuration.get(f"resampling_fn_{which}_kwargs") or {})
+
+
+def model_from_results_folder(path, folds=None, checkpoint: str = "final", name: str | None = None,
+                              version: str | None = None, read_order: str = NNUNET_READ_ORDER,
+                              progress: Progress | None = None):
+    """``(network, card)`` for a trained nnU-Net configuration: its folds as one
+    :class:`NnUNetEnsemble` and a card that declares nnU-Net's pipeline.
+
+    ``folds``: fold names (``["0", "1"]``, ``["all"]`` for ``fold_all``); None takes every
+    numbered fold present, as ``nnUNetv2_predict`` does. ``read_order``: the voxel order the
+    model was trained on, before the plans' transpose.
+    """
+    results = find_results_folder(path)
+    if checkpoint not in ("final", "best"):
+        raise MedsegError(f"--checkpoint must be final or best, got {checkpoint!r}")
+    chosen = [str(f) for f in folds] if folds else [f for f in results.folds if f != "all"]
+    if not chosen:
+        raise MedsegError(f"'{results.folder.name}' has no trained folds (fold_0, fold_1, ...)")
+    plans, configuration_name = results.plans, results.configuration
+    configuration = (plans.get("configurations") or {}).get(configuration_name)
+    if not isinstance(configuration, dict):
+        raise MedsegError(f"plans.json has no configuration '{configuration_name}'")
+    if configuration.get("previous_stage") or configuration_name.startswith("3d_cascade"):
+        raise MedsegError(f"'{configuration_name}' is a cascade stage, which needs the low-resolution stage's "
+                          "output; import 3d_fullres or 3d_lowres instead")
+    patch = list(configuration.get("patch_size") or [])
+    if len(patch) != 3:
+        raise MedsegError(f"'{configuration_name}' is not a 3D configuration (patch {patch}); only 3D models run here")
+    channels = results.channel_names
+    if len(channels) != 1:
+        raise MedsegError(f"'{results.folder.name}' takes {len(channels)} input channels "
+                          f"({', '.join(channels)}); several channels are not supported yet")
+    label_names = results.label_names
+    if sorted(label_names) != list(range(len(label_names))):
+        raise MedsegError(f"dataset.json: label values must run 0..N-1, got {sorted(label_names)}")
+    normalisations = channel_normalisations(plans, configuration_name)
+    data_kwargs, back_kwargs = _resampling(configuration, "data"), _resampling(configuration, "probabilities")
+    transpose = [int(a) for a in plans.get("transpose_forward") or [0, 1, 2]]
+    if sorted(transpose) != [0, 1, 2]:
+        raise MedsegError(f"plans.json: transpose_forward {transpose} is not a permutation of three axes")
+    architecture = architecture_of(plans, configuration_name)
+    network = NnUNetEnsemble(**architecture, in_channels=len(channels), out_channels=len(label_names),
+                             folds=len(chosen))
+    mirror_axes = None
+    for index, fold in enumerate(chosen):
+        report(progress, index / len(chosen), f"reading fold {fold}")
+        read = read_checkpoint(results.checkpoint(fold, checkpoint))
+        try:
+            network.folds[index].load_state_dict(read.weights)
+        except RuntimeError as exc:
+            raise MedsegError(f"fold {fold}'s weights do not fit the network in plans.json "
+                              f"({str(exc).splitlines()[0][:160]})") from None
+        mirror_axes = read.mirroring_axes if index == 0 else mirror_axes
+    dataset_name = str(plans.get("dataset_name") or results.folder.parent.name)
+    trainer, plans_name, _ = results.folder.name.split("__")
+    schemes = list(configuration.get("normalization_schemes") or [])
+    separate_z = data_kwargs.get("force_separate_z")
+    licence = results.dataset.get("licence") or results.dataset.get("license")
+    card = parse_card({
+        "format": FORMAT, "format_version": 2,
+        "name": name or f"{dataset_name}-{configuration_name}".replace(" ", "_"),
+        "version": version or "1.0.0",
+        "network": {"architecture": "NnUNetEnsemble", "hparams": network.hparams},
+        "labels": [{"value": v, "name": n, "color": default_color(v)} for v, n in label_names.items()],
+        "domain": {"modality": modality_of(channels, schemes), "contrast": None, "body_part": None,
+                   "description": str(results.dataset.get("description") or
+                                      f"nnU-Net v2 model {dataset_name} ({configuration_name})")},
+        "channels": channels,
+        "pipeline": {
+            "axis_order": "".join(read_order[a] for a in transpose),
+            "roi": {"kind": "nonzero"},
+            "grid": {"kind": "spacing", "spacing": [float(v) for v in configuration["spacing"]],
+                     "interpolation": "spline", "order": int(data_kwargs.get("order", 3)),
+                     "order_z": int(data_kwargs.get("order_z", 0)),
+                     "back_order": int(back_kwargs.get("order", 1)), "back_order_z": int(back_kwargs.get("order_z", 0)),
+                     "separate_z": separate_z, "anisotropy_threshold": ANISOTROPY_THRESHOLD},
+            "normalisation": normalisations[0].to_dict(),
+            "normalise_first": True,
+            "patch_size": patch,
+            "output": "logits",
+            "windows": {"plan": "step", "step": 0.5, "pad_value": 0.0,
+                        "mirror_axes": list(mirror_axes or ()), "mirror_by_default": bool(mirror_axes),
+                        "blend_dtype": "float16", "blend_folds_apart": True},
+        },
+        "explain": explain_methods_for("NnUNetEnsemble"),
+        "provenance": {"source": f"nnU-Net v2 results folder {dataset_name}/{results.folder.name}",
+                       "kind": "nnunet", "trainer": trainer, "plans": plans_name, "configuration": configuration_name,
+                       "folds": chosen, "checkpoint": f"checkpoint_{checkpoint}.pth",
+                       "training_data": str(results.dataset.get("reference") or results.dataset.get("name") or
+                                            dataset_name)},
+        "licence": str(licence) if licence else "not stated in dataset.json; ask whoever trained the model",
+    }, results.folder.name)
+    report(progress, 1.0, f"read {len(chosen)} fold(s)")
+    return network, card
+
+
+def import_nnunet(path, registry=None, folds=None, checkpoint: str = "final", name: str | None = None,
+                  version: str | None = None, progress: Progress | None = None):
+    """Import an nnU-Net results folder into the model registry as a new, current version.
+
+    The weights are kept in float32, as nnU-Net runs them. Returns the registry entry.
+    """
+    from .models import ModelRegistry
+
+    registry = registry or ModelRegistry()
+    network, card = model_from_results_folder(path, folds, checkpoint, name, version, progress=progress)
+    if any(entry.name == card.name and entry.version == card.version for entry in registry.entries()):
+        raise MedsegError(f"{card.title} is already installed; pass --version (or --name) to import another copy")
+    return registry.add_version(network, card, make_current=True, half_precision=False)

@@ -47,31 +47,52 @@ BODY_VOXELS = 2_000_000
 
 # -- axis order --------------------------------------------------------------------
 
+LAYER_ORDER = "SPL"
+
+
+def _axes(axis_order: str) -> tuple[tuple, tuple]:
+    """For each working axis, the layer axis it comes from and whether it runs the other way."""
+    source = tuple(next(i for i, pair in enumerate(("SI", "PA", "LR")) if c in pair) for c in axis_order)
+    reversed_ = tuple(c != LAYER_ORDER[i] for c, i in zip(axis_order, source))
+    return source, reversed_
+
+
 def to_working(array, axis_order: str):
     """Layer order (S, P, L) -> the model's axis order (a view). Leading channel axes stay."""
-    if axis_order == "SPL":
+    if axis_order == LAYER_ORDER:
         return array
-    # RAS: axis 0 towards the right (layer axis 2 reversed), 1 anterior (axis 1 reversed), 2 superior.
+    source, reversed_ = _axes(axis_order)
     lead = array.ndim - 3
-    order = tuple(range(lead)) + (lead + 2, lead + 1, lead)
+    order = tuple(range(lead)) + tuple(lead + a for a in source)
+    flips = tuple(lead + i for i, r in enumerate(reversed_) if r)
     if isinstance(array, torch.Tensor):
-        return array.permute(order).flip((lead, lead + 1))
-    return np.flip(np.transpose(array, order), axis=(lead, lead + 1))
+        array = array.permute(order)
+        return array.flip(flips) if flips else array
+    array = np.transpose(array, order)
+    return np.flip(array, axis=flips) if flips else array
 
 
 def from_working(array, axis_order: str):
     """The inverse of :func:`to_working`."""
-    if axis_order == "SPL":
+    if axis_order == LAYER_ORDER:
         return array
+    source, reversed_ = _axes(axis_order)
     lead = array.ndim - 3
-    order = tuple(range(lead)) + (lead + 2, lead + 1, lead)
+    flips = tuple(lead + i for i, r in enumerate(reversed_) if r)
+    inverse = tuple(range(lead)) + tuple(lead + source.index(a) for a in range(3))
     if isinstance(array, torch.Tensor):
-        return array.flip((lead, lead + 1)).permute(order)
-    return np.transpose(np.flip(array, axis=(lead, lead + 1)), order)
+        return (array.flip(flips) if flips else array).permute(inverse)
+    return np.transpose(np.flip(array, axis=flips) if flips else array, inverse)
 
 
 def spacing_to_working(spacing: tuple, axis_order: str) -> tuple:
-    return tuple(spacing) if axis_order == "SPL" else tuple(spacing[::-1])
+    source, _ = _axes(axis_order)
+    return tuple(spacing[a] for a in source)
+
+
+def working_axis(axis_order: str, layer_axis: int) -> int:
+    """Which working axis runs along ``layer_axis`` (0 superior, 1 posterior, 2 left)."""
+    return _axes(axis_order)[0].index(layer_axis)
 
 
 # -- resampling ------------------------------------------------------------------------
@@ -105,10 +126,78 @@ def grid_shape(region_shape: tuple, spacing: tuple, card: ModelCard) -> tuple:
     grid = card.pipeline.grid
     if grid.kind == "shape":
         return tuple(grid.shape)
+    # nnU-Net rounds every axis (compute_new_shape); our own grids keep a size within 1 %.
+    tolerance = 0.0 if grid.interpolation == "spline" else SPACING_TOLERANCE
     out = []
     for n, s, t in zip(region_shape, spacing, grid.spacing):
-        out.append(n if abs(s / t - 1) <= SPACING_TOLERANCE else max(1, int(round(n * s / t))))
+        out.append(n if abs(s / t - 1) <= tolerance else max(1, int(round(n * s / t))))
     return tuple(out)
+
+
+# -- nnU-Net's resampling ('spline' grids) ------------------------------------------------
+
+def separate_axis(current: tuple, new: tuple, grid) -> int | None:
+    """The axis that nnU-Net resamples on its own, going from ``current`` to ``new`` spacing:
+    the coarsest axis of whichever spacing is anisotropic (ratio above the threshold),
+    unless the card forces or forbids it; none when two or three axes tie for coarsest."""
+    def coarsest(spacing):
+        return [i for i, s in enumerate(spacing) if s == max(spacing)]
+
+    if grid.separate_z is not None:
+        axes = coarsest(current) if grid.separate_z else []
+    elif max(current) / min(current) > grid.anisotropy_threshold:
+        axes = coarsest(current)
+    elif max(new) / min(new) > grid.anisotropy_threshold:
+        axes = coarsest(new)
+    else:
+        axes = []
+    return axes[0] if len(axes) == 1 else None
+
+
+def _source_positions(n_out: int, n_in: int) -> np.ndarray:
+    """Where output voxel centres fall on the input axis (half-voxel convention), clamped to it."""
+    return np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+
+
+def _along_first(array, n_out: int, order: int):
+    """Resample axis 0 of a numpy array or tensor to ``n_out``: nearest (rounding half up, as
+    scipy's map_coordinates) or linear, with edge values past the ends."""
+    n_in = array.shape[0]
+    if n_in == n_out:
+        return array
+    return _at_positions(array, _source_positions(n_out, n_in), order)
+
+
+def _at_positions(array, c: np.ndarray, order: int):
+    """Axis 0 of ``array`` sampled at positions ``c`` (nearest or linear)."""
+    n_in = array.shape[0]
+    if order == 0:
+        return array[np.floor(c + 0.5).astype(np.intp)]
+    i0 = np.floor(c).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w = (c - i0).astype(np.float32).reshape((-1,) + (1,) * (array.ndim - 1))
+    if isinstance(array, torch.Tensor):
+        w = torch.from_numpy(w)
+    return array[i0] * (1 - w) + array[i1] * w
+
+
+def spline_resample(array: np.ndarray, shape: tuple, axis: int | None, order: int, order_z: int) -> np.ndarray:
+    """nnU-Net's ``resample_data_or_seg`` for an image: scikit-image's resize with B-splines
+    of ``order`` (edge mode, no anti-aliasing), or, with a separate ``axis``, slice by slice
+    in-plane and with ``order_z`` across (nearest with ``order_z`` 0)."""
+    from skimage.transform import resize
+
+    shape = tuple(int(n) for n in shape)
+    if tuple(array.shape) == shape:
+        return array
+    data = np.asarray(array, dtype=np.float64)
+    if axis is None:
+        return resize(data, shape, order, mode="edge", anti_aliasing=False).astype(np.float32)
+    moved = np.moveaxis(data, axis, 0)
+    plane = tuple(n for i, n in enumerate(shape) if i != axis)
+    inplane = np.stack([resize(part, plane, order, mode="edge", anti_aliasing=False) for part in moved])
+    return np.ascontiguousarray(np.moveaxis(_along_first(inplane, shape[axis], order_z), 0, axis),
+                                dtype=np.float32)
 
 
 # -- the imaged body ---------------------------------------------------------------------
@@ -233,6 +322,19 @@ def body_box(array, spacing: tuple, margin_mm: float, threshold: float | None = 
     return tuple(box)
 
 
+def nonzero_box(array) -> tuple:
+    """nnU-Net's crop: the bounding box of the non-zero voxels, holes filled (the whole
+    array when every voxel is zero)."""
+    from scipy import ndimage
+
+    mask = ndimage.binary_fill_holes(np.asarray(array) != 0)
+    box = []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(int(present[0]), int(present[-1]) + 1) if present.size else slice(0, mask.shape[axis]))
+    return tuple(box)
+
+
 def crop(array, region: tuple, fill: float) -> np.ndarray:
     """``array[region]`` as float32, where parts of the region outside the array are ``fill``."""
     shape = tuple(s.stop - s.start for s in region)
@@ -248,14 +350,15 @@ def crop(array, region: tuple, fill: float) -> np.ndarray:
 def crop_working(layer_array, region: tuple, axis_order: str, fill: float) -> np.ndarray:
     """:func:`crop` of the working (model-axis) view, read as one block of the layer array:
     the same values, without gathering through a transposed, flipped view."""
-    if axis_order == "SPL":
+    if axis_order == LAYER_ORDER:
         return crop(layer_array, region, fill)
     shape = np.shape(layer_array)
-    # RAS working axes: 0 = layer axis 2 reversed, 1 = layer axis 1 reversed, 2 = layer axis 0.
-    n2, n1 = shape[2], shape[1]
-    layer_region = (region[2], slice(n1 - region[1].stop, n1 - region[1].start),
-                    slice(n2 - region[0].stop, n2 - region[0].start))
-    block = crop(layer_array, layer_region, fill)
+    source, reversed_ = _axes(axis_order)
+    layer_region = [None, None, None]
+    for part, axis, flipped in zip(region, source, reversed_):
+        n = shape[axis]
+        layer_region[axis] = slice(n - part.stop, n - part.start) if flipped else part
+    block = crop(layer_array, tuple(layer_region), fill)
     return np.ascontiguousarray(to_working(block, axis_order))
 
 
@@ -286,6 +389,9 @@ def intensity_statistics(sample: np.ndarray, normalisation: Normalisation) -> di
         if not np.isfinite(scale) or scale <= 1e-6:
             scale = float(clipped.std()) or 1.0
         return {"low": float(low), "high": float(high), "offset": float(median), "scale": scale}
+    if kind == "zscore":
+        values = np.asarray(sample, dtype=np.float32)
+        return {"low": -np.inf, "high": np.inf, "offset": float(values.mean()), "scale": float(values.std())}
     if kind == "quantile_zscore":
         # Linear interpolation between order statistics, as deepbet's torch.quantile.
         low, high = np.percentile(np.asarray(sample, dtype=np.float32).ravel(), normalisation.quantiles)
@@ -303,6 +409,8 @@ def normalise(tensor: torch.Tensor, normalisation: Normalisation, stats: dict) -
         return (tensor.clamp(low, high) - normalisation.mean) / max(normalisation.std, 1e-8)
     if kind == "mr_robust_zscore":
         return (tensor.clamp(low, high) - stats["offset"]) / stats["scale"]
+    if kind == "zscore":
+        return (tensor - stats["offset"]) / max(stats["scale"], 1e-8)
     # quantile_zscore: deepbet's normalize(): scale, clip, z-score on the input, remap.
     x = tensor.sub(low).div_(max(high - low, 1e-6)).clamp_(0, 1)
     std, mean = torch.std_mean(x)
@@ -324,6 +432,9 @@ class PreparedScan:
     spacing: tuple                # the scan's voxel size in working order
     interpolation: str
     info: dict = field(default_factory=dict)
+    # 'spline' grids: the axis resampled on its own on the way back, and the orders (in-plane, across).
+    back_axis: int | None = None
+    back_orders: tuple = (1, 1)
 
     @property
     def model_shape(self) -> tuple:
@@ -396,16 +507,49 @@ def prepare(layer_array, layer_affine_ras: np.ndarray, card: ModelCard,
         inner = _network_box(foreground, tuple(region_tensor.shape), roi.margin_fraction, roi.threshold)
         region = tuple(slice(outer.start + box.start, outer.start + box.stop) for outer, box in zip(region, inner))
         info["first_stage_box"] = [[s.start, s.stop] for s in inner]
+    mask = None
+    if roi.kind == "nonzero":
+        region = nonzero_box(working)
     region_tensor = torch.from_numpy(crop_working(layer_array, region, pipeline.axis_order, air))
+    normalisation = pipeline.normalisation
+    if normalisation.kind == "zscore" and normalisation.use_mask:
+        from scipy import ndimage
+
+        mask = ndimage.binary_fill_holes(region_tensor.numpy() != 0)
     if roi.kind != "network":
-        stats = intensity_statistics(strided_sample(region_tensor.numpy(), BODY_VOXELS, np.float32),
-                                     pipeline.normalisation)
+        if normalisation.kind == "zscore":   # nnU-Net's statistics: every voxel (or the mask's)
+            sample = region_tensor.numpy()[mask] if mask is not None else region_tensor.numpy()
+        else:
+            sample = strided_sample(region_tensor.numpy(), BODY_VOXELS, np.float32)
+        stats = intensity_statistics(sample, normalisation)
     model_shape = grid_shape(tuple(region_tensor.shape), spacing, card)
-    tensor = resample(region_tensor, model_shape, mode)
-    tensor = normalise(tensor, pipeline.normalisation, stats).contiguous()
+    back_axis, back_orders = None, (1, 1)
+    if mode == "spline":
+        grid = pipeline.grid
+        forward_axis = separate_axis(spacing, grid.spacing, grid)
+        back_axis = separate_axis(grid.spacing, spacing, grid)
+        back_orders = (grid.back_order, grid.back_order_z if back_axis is not None else grid.back_order)
+    if pipeline.normalise_first:
+        region_tensor = _normalised(region_tensor, normalisation, stats, mask)
+    if mode == "spline":
+        tensor = torch.from_numpy(spline_resample(region_tensor.numpy(), model_shape, forward_axis,
+                                                  pipeline.grid.order, pipeline.grid.order_z))
+    else:
+        tensor = resample(region_tensor, model_shape, mode)
+    if not pipeline.normalise_first:
+        tensor = _normalised(tensor, normalisation, stats, None)
+    tensor = tensor.contiguous()
     info.update(region=[[s.start, s.stop] for s in region], statistics=stats)
     return PreparedScan(tensor, tuple(np.shape(layer_array)), pipeline.axis_order, region, shape, spacing,
-                        mode, info)
+                        mode, info, back_axis, back_orders)
+
+
+def _normalised(tensor: torch.Tensor, normalisation: Normalisation, stats: dict, mask) -> torch.Tensor:
+    """:func:`normalise`; with a mask (nnU-Net's ``use_mask_for_norm``), voxels outside it keep their value."""
+    out = normalise(tensor, normalisation, stats)
+    if mask is not None:
+        out = torch.where(torch.from_numpy(mask), out, tensor)
+    return out
 
 
 # -- back onto the scan -------------------------------------------------------------------
@@ -418,6 +562,62 @@ def onto_grid_nearest(layer_array, prepared: PreparedScan) -> torch.Tensor:
 
 def _back_mode(prepared: PreparedScan) -> str:
     return "nearest" if prepared.interpolation == "nearest" else "linear"
+
+
+def _spline_back_slabs(maps: torch.Tensor, prepared: PreparedScan, slab: int = 16, dtype=None):
+    """nnU-Net's way back for 'spline' grids, a slab at a time: maps ``(C, d, h, w)`` resampled
+    in-plane and then across the separate axis (or axis 0: linear is separable), with the
+    card's back orders. Yields ``(axis, start, stop, part)``, ``part`` being ``(C, k, P, Q)``
+    for region slices ``start:stop`` along ``axis``."""
+    axis = prepared.back_axis if prepared.back_axis is not None else 0
+    in_plane, across = prepared.back_orders
+    moved = maps.float().movedim(axis + 1, 1)
+    n_in = moved.shape[1]
+    n_out = prepared.region_shape[axis]
+    plane = tuple(n for i, n in enumerate(prepared.region_shape) if i != axis)
+    positions = _source_positions(n_out, n_in)
+    for start in range(0, n_out, slab):
+        stop = min(n_out, start + slab)
+        c = positions[start:stop]
+        lo = int(np.floor(c.min()))
+        hi = min(n_in, int(np.floor(c.max())) + 2)
+        source = moved[:, lo:hi].transpose(0, 1)          # (k, C, h, w): slices as the batch
+        if tuple(source.shape[2:]) != plane:
+            source = F.interpolate(source, size=plane, mode="bilinear" if in_plane == 1 else "nearest-exact",
+                                   **({"align_corners": False} if in_plane == 1 else {}))
+        part = _at_positions(source, c - lo, across) if (n_in != n_out) else source
+        if dtype is not None:  # nnU-Net stores the resampled logits in its blending precision
+            part = part.to(dtype).float()
+        yield axis, start, stop, part.transpose(0, 1)
+
+
+def _place(target: np.ndarray, axis: int, start: int, stop: int, values: np.ndarray) -> None:
+    """``values`` (..., k, P, Q) into slices ``start:stop`` of ``target``'s ``axis`` (of its last three)."""
+    lead = target.ndim - 3
+    index = [slice(None)] * target.ndim
+    index[lead + axis] = slice(start, stop)
+    target[tuple(index)] = np.moveaxis(values, lead, lead + axis)
+
+
+def probabilities_to_scan(scores: torch.Tensor, prepared: PreparedScan, output: str = "logits",
+                          dtype=None) -> np.ndarray:
+    """Class probabilities on the scan grid (layer order) from the network grid's scores.
+
+    Our grids turn logits into probabilities and resample those; 'spline' grids resample
+    the logits and take the softmax after, as nnU-Net does. Outside the region the
+    background's probability is 1.
+    """
+    channels = scores.shape[0]
+    background = [1.0] + [0.0] * (channels - 1)
+    if prepared.interpolation != "spline":
+        return to_scan(torch.softmax(scores, 0) if output == "logits" else scores, prepared, background)
+    inside = np.empty((channels, *prepared.region_shape), dtype=np.float32)
+    for axis, start, stop, part in _spline_back_slabs(scores, prepared, dtype=dtype):
+        _place(inside, axis, start, stop, (torch.softmax(part, 0) if output == "logits" else part).numpy())
+    full = np.empty((channels, *prepared.working_shape), dtype=np.float32)
+    full[:] = np.asarray(background, dtype=np.float32)[:, None, None, None]
+    paste(full, inside, prepared.region)
+    return np.ascontiguousarray(from_working(full, prepared.axis_order))
 
 
 def to_scan(maps: torch.Tensor, prepared: PreparedScan, background=0.0) -> np.ndarray:
@@ -439,7 +639,7 @@ def to_scan(maps: torch.Tensor, prepared: PreparedScan, background=0.0) -> np.nd
 
 
 def labels_to_scan(scores: torch.Tensor, prepared: PreparedScan, threshold: float | None = None,
-                   slab: int = 16) -> np.ndarray:
+                   slab: int = 16, dtype=None) -> np.ndarray:
     """Labels on the scan grid (layer order) from per-class scores on the network grid.
 
     ``scores`` are probabilities or logits ``(C, d, h, w)``. They are resampled (linearly,
@@ -451,6 +651,11 @@ def labels_to_scan(scores: torch.Tensor, prepared: PreparedScan, threshold: floa
     region_shape = prepared.region_shape
     labels = np.zeros(prepared.working_shape, dtype=np.uint8)
     inside = np.zeros(region_shape, dtype=np.uint8)
+    if prepared.interpolation == "spline":  # the argmax of the resampled logits, as nnU-Net's
+        for axis, start, stop, part in _spline_back_slabs(scores, prepared, slab, dtype):
+            _place(inside, axis, start, stop, part.argmax(0).to(torch.uint8).numpy())
+        paste(labels, inside, prepared.region)
+        return np.ascontiguousarray(from_working(labels, prepared.axis_order))
     depth = scores.shape[1]
     mode = _back_mode(prepared)
     x = scores[None].float()

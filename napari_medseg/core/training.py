@@ -41,21 +41,11 @@ from .io import read_volume
 from .devices import autocast
 from .metrics import mean_dice
 from .network import class_scores
-from .pipeline import intensity_statistics, normalise, onto_grid_nearest, prepare
+from .pipeline import intensity_statistics, normalise, onto_grid_nearest, prepare, working_axis
+from .card import default_color
 from .progress import Progress, report, span
 
 TISSUES_PER_LABEL = 3
-PALETTE = [(0, 0, 0, 0), (0.95, 0.35, 0.2, 1), (0.2, 0.6, 1.0, 1), (0.3, 0.85, 0.3, 1),
-           (0.95, 0.8, 0.2, 1), (0.7, 0.4, 0.9, 1), (0.2, 0.85, 0.85, 1), (0.95, 0.5, 0.75, 1)]
-
-
-def default_color(value: int) -> list:
-    if value < len(PALETTE):
-        return list(PALETTE[value])
-    rng = np.random.default_rng(value)
-    return [*map(float, rng.uniform(0.3, 1.0, 3)), 1.0]
-
-
 class DatasetError(MedsegError):
     """A dataset with faults; ``faults`` holds one line per fault, each naming its file."""
 
@@ -461,7 +451,7 @@ def sample_generators(seed: int, step: int, index: int) -> tuple[np.random.Gener
 def make_batch(cases: list, card: ModelCard, config: TrainingConfig, step: int, indices: range):
     """The samples ``indices`` of global step ``step`` (a process may take a share of them)."""
     spacing = _grid_spacing(card)
-    lr_axis = 2 if card.pipeline.axis_order == "SPL" else 0
+    lr_axis = working_axis(card.pipeline.axis_order, 2)
     images, labels, weights = [], [], []
     for index in indices:
         rng, generator = sample_generators(config.seed, step, index)

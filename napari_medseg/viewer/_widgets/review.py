@@ -467,7 +467,7 @@ class ReviewWidget(DockPanel):
 def _label_colormap(values: list):
     from napari.utils.colormaps import DirectLabelColormap
 
-    from ...core.training import default_color
+    from ...core.card import default_color
 
     colors = {value: default_color(value) for value in values}
     colors[None] = (0, 0, 0, 0)
