@@ -14,7 +14,7 @@ at 0.6 x 0.6 x 5 mm). Three interleaved pairs per setting, medians:
 * our engine's window plan without mirroring (``--windows ours --no-tta``), with its
   Dice against nnU-Net's ``--disable_tta`` output.
 
-    .venv/bin/python benchmarks/bench_import.py [--runs 3] [--folds 0 1]
+    .venv/bin/python benchmarks/bench_import.py [--runs 3] [--folds 0 1] [--scans crop|ct|both]
 """
 
 from __future__ import annotations
@@ -81,6 +81,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--folds", nargs="+", default=["0", "1"])
+    parser.add_argument("--scans", choices=("crop", "ct", "both"), default="both",
+                        help="the held-out crop, the whole lung CT (slow with mirroring: 8 passes), or both")
     args = parser.parse_args()
     genuine = build()
     env = environment(genuine["root"])
@@ -96,6 +98,8 @@ def main() -> None:
         whole = tmp / "lung1_0000.nii.gz"
         sitk.WriteImage(sitk.ReadImage(str(pyradiomics_scan("lung1"))), str(whole))
         scans = {"held-out crop 68x68x30": genuine["held_out"], "lung CT 512x512x48": whole}
+        scans = {k: v for k, v in scans.items() if args.scans == "both" or k.startswith(
+            "held" if args.scans == "crop" else "lung")}
         print(f"nnU-Net results folder: {genuine['folder'].parent.name}/{genuine['folder'].name}, "
               f"folds {' '.join(args.folds)}; {args.runs} interleaved runs; CPU, {os.cpu_count()} cores")
         print(f"{'scan':<24} {'setting':<26} {'ours s':>7} {'nnU-Net s':>9} {'ratio':>6} "

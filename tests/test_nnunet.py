@@ -334,3 +334,14 @@ def test_a_genuine_folder_imports_once_and_refuses_folds_it_does_not_have(genuin
     card = json.loads(shown.stdout)
     assert card["pipeline"]["windows"]["mirror_axes"] == [0, 1, 2] and card["pipeline"]["grid"]["spacing"][0] == 5.0
     assert card["provenance"]["folds"] == ["0", "1"] and card["licence"].startswith("not stated")
+
+
+def test_gradcam_runs_on_the_imported_nnunet_model_and_points_at_its_class(genuine, tmp_path):
+    assert cli("models", "import-nnunet", genuine["folder"], "--folds", "0", "--name", "lung-ct").returncode == 0
+    done = cli("explain", genuine["held_out"], "--method", "gradcam", "--class", "bone", "--model", "lung-ct",
+               "-o", tmp_path / "gradcam.nii.gz", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "Grad-CAM bone at folds.0.decoder.stages.1" in done.stdout
+    heat = np.asarray(nib.load(tmp_path / "gradcam.nii.gz").dataobj)
+    bone = np.asarray(nib.load(genuine["held_out_labels"]).dataobj) == 2
+    assert heat.shape == bone.shape and heat[bone].mean() > 20 * heat[~bone].mean()

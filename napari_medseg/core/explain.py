@@ -82,6 +82,8 @@ def default_layer(network: torch.nn.Module) -> str:
         return f"decoders.{len(network.decoders) - 1}"
     if hasattr(network, "tp_conv1"):
         return "tp_conv1"
+    if hasattr(network, "folds"):  # an imported nnU-Net model: the first fold's last decoder stage
+        return f"folds.0.decoder.stages.{len(network.folds[0].decoder.stages) - 1}"
     raise MedsegError(f"no default Grad-CAM layer for {type(network).__name__}; pass --layer")
 
 
