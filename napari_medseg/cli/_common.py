@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..core.defaults import DEFAULT_OVERLAP, DEVICE_HELP, DEVICES
+from ..core.defaults import DEFAULT_OVERLAP, DEVICE_HELP, DEVICES, WINDOW_CHOICES
 from ..core.privacy import scrub
 
 EXIT_USER_ERROR = 2
@@ -52,7 +52,7 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="test-time augmentation by mirroring (4x time; an imported nnU-Net model mirrors "
                              "over its allowed axes, 8x, and does so by default, as nnUNetv2_predict does)")
-    parser.add_argument("--windows", choices=("card", "ours"), default="card",
+    parser.add_argument("--windows", choices=WINDOW_CHOICES, default="card",
                         help="card: tile as the model declares (nnU-Net's fixed step for an imported nnU-Net "
                              "model); ours: our engine's window plan, fewer voxels")
 

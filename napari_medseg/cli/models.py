@@ -78,7 +78,7 @@ def add_parsers(sub) -> None:
     importing.set_defaults(func=cmd_import)
     nnunet = models_sub.add_parser(
         "import-nnunet", formatter_class=Formatter,
-        help="import a trained nnU-Net v2 results folder (or TotalSegmentator's) as a model",
+        help="import a trained nnU-Net v2 results folder as a model",
         description="Import a trained nnU-Net v2 configuration (TRAINER__PLANS__CONFIG/ with dataset.json, "
                     "plans.json and fold_*/checkpoint_*.pth), or the dataset folder above it. The network is "
                     "built from plans.json with nnU-Net's own network package; the checkpoints are read "

@@ -8,8 +8,8 @@ from pathlib import Path
 from ..core.defaults import DEVICE_HELP, DEVICES
 from ..core.errors import MedsegError, MultipleSeriesError, OutOfScope
 from ..core.privacy import scrub
-from ._common import (Formatter, add_inference_options, add_input_options, inference_settings, load_model_of, model_inputs,
-                      printed_json_or_empty, stderr_progress, warn)
+from ._common import (Formatter, add_inference_options, add_input_options, inference_settings, load_model_of,
+                      model_inputs,                       printed_json_or_empty, stderr_progress, warn)
 
 
 def add_parsers(sub) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from ._common import (Formatter, add_inference_options, inference_settings, open_workspace, printed_json_or_empty, say,
-                      stderr_progress, warn)
+from ._common import (Formatter, add_inference_options, inference_settings, open_workspace, printed_json_or_empty,
+                      say,                       stderr_progress, warn)
 
 
 def add_parsers(sub) -> None:

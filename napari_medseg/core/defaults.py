@@ -2,6 +2,8 @@
 
 # Compute devices a user can choose; "auto" takes CUDA, then Apple MPS, then the CPU.
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# How a prediction tiles the grid: as the model's card declares, or always our engine's plan.
+WINDOW_CHOICES = ("card", "ours")
 DEVICE_HELP = "auto = CUDA, then Apple MPS, then the CPU"
 # The minimum overlap of neighbouring sliding windows, as a fraction of the model's patch.
 DEFAULT_OVERLAP = 0.125

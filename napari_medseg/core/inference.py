@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from .defaults import DEFAULT_OVERLAP
+from .defaults import DEFAULT_OVERLAP, WINDOW_CHOICES
 from .devices import autocast, check_device_name, pick_device, uses_amp
 from .errors import MedsegError
 from .pipeline import (PreparedScan, body_mask, labels_to_scan, largest_component, layer_spacing, prepare,
@@ -41,7 +41,6 @@ from .progress import Progress, report, span
 KEEP_SCORES_BYTES = 256 * 2**20
 # Mirror flips for test-time augmentation (spatial axes of a (N, C, D, H, W) batch).
 TTA_FLIPS = ((), (2,), (3,), (4,))
-WINDOW_CHOICES = ("card", "ours")
 
 
 @dataclass
@@ -76,6 +75,10 @@ class InferenceSettings:
         if self.windows not in WINDOW_CHOICES:
             raise MedsegError(f"windows must be one of {', '.join(WINDOW_CHOICES)}, got {self.windows!r}")
         check_device_name(self.device)
+
+    @property
+    def blend_torch_dtype(self) -> torch.dtype:
+        return torch.float16 if self.blend_dtype == "float16" else torch.float32
 
     def for_card(self, card) -> "InferenceSettings":
         """These settings with the card's defaults filled in: its mirroring and its window plan."""
@@ -354,7 +357,7 @@ def _sliding_window_on(image, predictor, patch_size, settings, device, labels_fr
     slabs: dict[str, torch.Tensor] = {}
     # Rolling slabs of blended outputs covering [base, base + roi[0]) along axis 0.
     # nnU-Net blends in float16 (half the memory); its cards ask for the same, to reproduce it.
-    blend_dtype = torch.float16 if settings.blend_dtype == "float16" else torch.float32
+    blend_dtype = settings.blend_torch_dtype
     weight_sum = torch.zeros((roi[0], padded[1], padded[2]), dtype=blend_dtype, device=device)
     planes = [(y, x) for y in starts[1] for x in starts[2]]
     total = len(starts[0]) * len(planes)
@@ -525,16 +528,14 @@ def folds_blended_apart(image: torch.Tensor, model, settings: InferenceSettings,
     """nnU-Net's fold average: each fold's logits blended on their own, then summed and divided
     in the blending precision (float16 for nnU-Net), so that the result is nnU-Net's own."""
     card = model.card
-    dtype = torch.float16 if settings.blend_dtype == "float16" else torch.float32
     folds = model.network.folds
     total, info = None, {}
     for index, fold in enumerate(folds):
-        predictor = NetworkPredictor(fold, output=card.pipeline.output, amp=settings.amp,
-                                     flips=mirror_flips(card) if settings.tta else ((),))
-        part = sliding_window(image, predictor, card.pipeline.patch_size, settings, labels_from=None,
+        part = sliding_window(image, predictor_for(model, settings, network=fold), card.pipeline.patch_size,
+                              settings, labels_from=None,
                               keep=(card.pipeline.output,),
                               progress=span(progress, index / len(folds), (index + 1) / len(folds)))
-        logits = part.maps[card.pipeline.output].to(dtype)
+        logits = part.maps[card.pipeline.output].to(settings.blend_torch_dtype)
         total = logits if total is None else total.add_(logits)
         info = {**part.info, "windows": info.get("windows", 0) + part.info["windows"],
                 "seconds": info.get("seconds", 0.0) + part.info["seconds"]}
@@ -542,10 +543,11 @@ def folds_blended_apart(image: torch.Tensor, model, settings: InferenceSettings,
     return WindowResult(_labels_of(total, card.pipeline.threshold), {card.pipeline.output: total}, info)
 
 
-def predictor_for(model, settings: InferenceSettings, variance: bool = False) -> NetworkPredictor:
-    """The predictor that runs ``model``'s network as its card declares."""
+def predictor_for(model, settings: InferenceSettings, variance: bool = False,
+                  network: torch.nn.Module | None = None) -> NetworkPredictor:
+    """The predictor that runs ``model``'s network (or one of its folds) as its card declares."""
     settings = settings.for_card(model.card)
-    return NetworkPredictor(model.network, output=model.card.pipeline.output, amp=settings.amp,
+    return NetworkPredictor(network if network is not None else model.network, output=model.card.pipeline.output, amp=settings.amp,
                             flips=mirror_flips(model.card) if settings.tta else ((),), variance=variance)
 
 
@@ -616,19 +618,23 @@ def segment(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, settin
     probabilities = uncertainty = None
     if want_uncertainty:
         uncertainty = to_scan(normalised_entropy(scores, output), prepared)
-    rounding = torch.float16 if settings.blend_dtype == "float16" else None
-    if want_probabilities:
-        probabilities = probabilities_to_scan(scores, prepared, output, rounding)
     if prepared.interpolation == "spline":
+        # Rounded as nnU-Net stores its resampled logits (float16), to reproduce it.
+        rounding = torch.float16 if settings.blend_dtype == "float16" else None
+        if want_probabilities:
+            probabilities = probabilities_to_scan(scores, prepared, output, rounding)
         labels = labels_to_scan(scores, prepared, dtype=rounding)
-    elif smooth:
-        if output == "logits":
-            scores = torch.softmax(scores, 0)
-        binary = card.pipeline.threshold is not None and scores.shape[0] == 2
-        # A binary model needs only its foreground channel: half the memory of the resampling.
-        labels = labels_to_scan(scores[1:] if binary else scores, prepared, card.pipeline.threshold)
     else:
-        labels = labels_to_scan_nearest(result.labels, prepared)
+        if scores is not None and output == "logits":
+            scores = torch.softmax(scores, 0)
+        if want_probabilities:
+            probabilities = probabilities_to_scan(scores, prepared, "probabilities")
+        if smooth:
+            binary = card.pipeline.threshold is not None and scores.shape[0] == 2
+            # A binary model needs only its foreground channel: half the memory of the resampling.
+            labels = labels_to_scan(scores[1:] if binary else scores, prepared, card.pipeline.threshold)
+        else:
+            labels = labels_to_scan_nearest(result.labels, prepared)
     raw_labels = labels.copy() if apply_postprocessing and card.pipeline.postprocessing else labels
     if apply_postprocessing and card.pipeline.postprocessing:
         postprocess(labels, layer_array, card.pipeline.postprocessing)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .card import ModelCard, Normalisation
+from .card import AXIS_PAIRS, ModelCard, Normalisation
 from .errors import MedsegError
 from .geometry import voxel_spacing as layer_spacing
 from .sampling import strided_sample, subsample_step
@@ -52,7 +52,7 @@ LAYER_ORDER = "SPL"
 
 def _axes(axis_order: str) -> tuple[tuple, tuple]:
     """For each working axis, the layer axis it comes from and whether it runs the other way."""
-    source = tuple(next(i for i, pair in enumerate(("SI", "PA", "LR")) if c in pair) for c in axis_order)
+    source = tuple(next(i for i, pair in enumerate(AXIS_PAIRS) if c in pair) for c in axis_order)
     reversed_ = tuple(c != LAYER_ORDER[i] for c, i in zip(axis_order, source))
     return source, reversed_
 
@@ -325,6 +325,11 @@ def body_box(array, spacing: tuple, margin_mm: float, threshold: float | None = 
 def nonzero_box(array) -> tuple:
     """nnU-Net's crop: the bounding box of the non-zero voxels, holes filled (the whole
     array when every voxel is zero)."""
+    return nonzero_mask_and_box(array)[1]
+
+
+def nonzero_mask_and_box(array) -> tuple[np.ndarray, tuple]:
+    """nnU-Net's non-zero mask (holes filled) and its bounding box."""
     from scipy import ndimage
 
     mask = ndimage.binary_fill_holes(np.asarray(array) != 0)
@@ -332,7 +337,7 @@ def nonzero_box(array) -> tuple:
     for axis in range(3):
         present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
         box.append(slice(int(present[0]), int(present[-1]) + 1) if present.size else slice(0, mask.shape[axis]))
-    return tuple(box)
+    return mask, tuple(box)
 
 
 def crop(array, region: tuple, fill: float) -> np.ndarray:
@@ -507,15 +512,15 @@ def prepare(layer_array, layer_affine_ras: np.ndarray, card: ModelCard,
         inner = _network_box(foreground, tuple(region_tensor.shape), roi.margin_fraction, roi.threshold)
         region = tuple(slice(outer.start + box.start, outer.start + box.stop) for outer, box in zip(region, inner))
         info["first_stage_box"] = [[s.start, s.stop] for s in inner]
-    mask = None
+    mask = nonzero = None
     if roi.kind == "nonzero":
-        region = nonzero_box(working)
+        nonzero, region = nonzero_mask_and_box(working)
     region_tensor = torch.from_numpy(crop_working(layer_array, region, pipeline.axis_order, air))
     normalisation = pipeline.normalisation
     if normalisation.kind == "zscore" and normalisation.use_mask:
-        from scipy import ndimage
-
-        mask = ndimage.binary_fill_holes(region_tensor.numpy() != 0)
+        # nnU-Net's mask rule: the non-zero mask of the whole scan, within the crop.
+        mask = np.ascontiguousarray(nonzero[region]) if nonzero is not None else \
+            nonzero_mask_and_box(region_tensor.numpy())[0]
     if roi.kind != "network":
         if normalisation.kind == "zscore":   # nnU-Net's statistics: every voxel (or the mask's)
             sample = region_tensor.numpy()[mask] if mask is not None else region_tensor.numpy()
