@@ -156,7 +156,8 @@ def separate_axis(current: tuple, new: tuple, grid) -> int | None:
 
 def _source_positions(n_out: int, n_in: int) -> np.ndarray:
     """Where output voxel centres fall on the input axis (half-voxel convention), clamped to it."""
-    return np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    # In nnU-Net's order of operations (scale first): at exact ties, rounding depends on it.
+    return np.clip(float(n_in) / n_out * (np.arange(n_out) + 0.5) - 0.5, 0, n_in - 1)
 
 
 def _along_first(array, n_out: int, order: int):
@@ -175,29 +176,29 @@ def _at_positions(array, c: np.ndarray, order: int):
         return array[np.floor(c + 0.5).astype(np.intp)]
     i0 = np.floor(c).astype(np.intp)
     i1 = np.minimum(i0 + 1, n_in - 1)
-    w = (c - i0).astype(np.float32).reshape((-1,) + (1,) * (array.ndim - 1))
-    if isinstance(array, torch.Tensor):
-        w = torch.from_numpy(w)
+    w = (c - i0).reshape((-1,) + (1,) * (array.ndim - 1))
+    w = torch.from_numpy(w).to(array.dtype) if isinstance(array, torch.Tensor) else w.astype(array.dtype)
     return array[i0] * (1 - w) + array[i1] * w
 
 
-def spline_resample(array: np.ndarray, shape: tuple, axis: int | None, order: int, order_z: int) -> np.ndarray:
+def spline_resample(array: np.ndarray, shape: tuple, axis: int | None, order: int, order_z: int,
+                    dtype=np.float32) -> np.ndarray:
     """nnU-Net's ``resample_data_or_seg`` for an image: scikit-image's resize with B-splines
     of ``order`` (edge mode, no anti-aliasing), or, with a separate ``axis``, slice by slice
-    in-plane and with ``order_z`` across (nearest with ``order_z`` 0)."""
+    in-plane and with ``order_z`` across (nearest with ``order_z`` 0); computed in float64
+    and stored as ``dtype``."""
     from skimage.transform import resize
 
     shape = tuple(int(n) for n in shape)
     if tuple(array.shape) == shape:
-        return array
+        return np.asarray(array, dtype=dtype)
     data = np.asarray(array, dtype=np.float64)
     if axis is None:
-        return resize(data, shape, order, mode="edge", anti_aliasing=False).astype(np.float32)
+        return resize(data, shape, order, mode="edge", anti_aliasing=False).astype(dtype)
     moved = np.moveaxis(data, axis, 0)
     plane = tuple(n for i, n in enumerate(shape) if i != axis)
     inplane = np.stack([resize(part, plane, order, mode="edge", anti_aliasing=False) for part in moved])
-    return np.ascontiguousarray(np.moveaxis(_along_first(inplane, shape[axis], order_z), 0, axis),
-                                dtype=np.float32)
+    return np.ascontiguousarray(np.moveaxis(_along_first(inplane, shape[axis], order_z), 0, axis), dtype=dtype)
 
 
 # -- the imaged body ---------------------------------------------------------------------
@@ -573,9 +574,19 @@ def _spline_back_slabs(maps: torch.Tensor, prepared: PreparedScan, slab: int = 1
     """nnU-Net's way back for 'spline' grids, a slab at a time: maps ``(C, d, h, w)`` resampled
     in-plane and then across the separate axis (or axis 0: linear is separable), with the
     card's back orders. Yields ``(axis, start, stop, part)``, ``part`` being ``(C, k, P, Q)``
-    for region slices ``start:stop`` along ``axis``."""
+    for region slices ``start:stop`` along ``axis``. With ``dtype`` (reproducing nnU-Net):
+    nnU-Net's own computation, rounded to ``dtype`` as it stores the result."""
     axis = prepared.back_axis if prepared.back_axis is not None else 0
     in_plane, across = prepared.back_orders
+    if dtype is not None:
+        # Reproducing nnU-Net: its own resampling, whole, in float64, stored in its precision.
+        # Torch's interpolation differs in the last bits, and at the many exact float16 ties
+        # a logit then rounds the other way (2e-3 in a probability, measured).
+        stored = np.float16 if dtype == torch.float16 else np.float32
+        part = np.stack([spline_resample(channel, prepared.region_shape, prepared.back_axis, in_plane, across,
+                                         stored) for channel in maps.double().numpy()])
+        yield 0, 0, prepared.region_shape[0], torch.from_numpy(part.astype(np.float32))
+        return
     moved = maps.float().movedim(axis + 1, 1)
     n_in = moved.shape[1]
     n_out = prepared.region_shape[axis]
@@ -591,8 +602,6 @@ def _spline_back_slabs(maps: torch.Tensor, prepared: PreparedScan, slab: int = 1
             source = F.interpolate(source, size=plane, mode="bilinear" if in_plane == 1 else "nearest-exact",
                                    **({"align_corners": False} if in_plane == 1 else {}))
         part = _at_positions(source, c - lo, across) if (n_in != n_out) else source
-        if dtype is not None:  # nnU-Net stores the resampled logits in its blending precision
-            part = part.to(dtype).float()
         yield axis, start, stop, part.transpose(0, 1)
 
 
