@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 from napari_medseg.core.bundle import BundleError, build_sections, read_config
@@ -98,3 +99,136 @@ def test_a_config_that_would_run_code_is_refused_in_one_line_and_its_code_never_
 def test_a_folder_that_is_not_a_bundle_says_so(tmp_path):
     with pytest.raises(BundleError, match="not a MONAI bundle"):
         read_config(tmp_path)
+
+
+# -- importing a bundle and predicting with it ---------------------------------------------
+
+def cli(*args, **kwargs):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "napari_medseg.cli", *map(str, args)], capture_output=True,
+                          encoding="utf-8", errors="replace", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def spleen(tmp_path_factory):
+    """The zoo's spleen configs with a seeded, calibrated model.pt, a real CT crop, and the mask
+    that MONAI's own bundle runner (``python -m monai.bundle run``) made of it."""
+    from bundle_factory import build, ct_scan, run_monai_bundle
+
+    root = tmp_path_factory.mktemp("spleen")
+    scan = ct_scan(root / "scans" / "imagesTs" / "ct.nii.gz")
+    bundle = build(root, scan)
+    (theirs,) = run_monai_bundle(bundle, root / "scans", root / "monai")
+    return {"bundle": bundle, "scan": scan, "theirs": theirs}
+
+
+def _dice(a, b) -> float:
+    return 2 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+def test_an_imported_bundle_predicts_what_monais_bundle_runner_predicts(spleen, tmp_path):
+    import SimpleITK as sitk
+
+    imported = cli("models", "import-bundle", spleen["bundle"], "--name", "spleen")
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip() == "imported spleen v0.5.9: 1 classes (spleen), CT, into spleen/"
+    done = cli("predict", spleen["scan"], "-o", tmp_path / "ours.nii.gz", "--model", "spleen", "--force")
+    assert done.returncode == 0, done.stderr
+    ours, theirs = (sitk.ReadImage(str(p)) for p in (tmp_path / "ours.nii.gz", spleen["theirs"]))
+    assert ours.GetSize() == theirs.GetSize() == sitk.ReadImage(str(spleen["scan"])).GetSize()
+    np.testing.assert_allclose(ours.GetOrigin(), theirs.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(ours.GetDirection(), theirs.GetDirection(), atol=1e-6)
+    ours, theirs = (sitk.GetArrayFromImage(image).astype(int) for image in (ours, theirs))
+    assert min((theirs == c).mean() for c in (0, 1)) > 0.2, "both classes cover a good part of the scan"
+    scores = [_dice(ours == c, theirs == c) for c in (0, 1)]
+    assert min(scores) >= 0.99, scores
+    shown = cli("models", "show", "spleen", "--json")
+    card = json.loads(shown.stdout)
+    assert card["pipeline"]["kind"] == "monai_bundle" and card["network"]["architecture"] == "MonaiBundleNetwork"
+    assert [label["name"] for label in card["labels"]] == ["background", "spleen"]
+    assert not any(str(v).startswith("$") for v in json.dumps(card["pipeline"]["bundle"]).split('"'))
+
+
+def test_a_bundle_reports_progress_per_window_and_cancels_between_windows(spleen):
+    from napari_medseg.core.bundle import model_from_bundle
+    from napari_medseg.core.errors import Cancelled
+    from napari_medseg.core.inference import InferenceSettings, segment
+    from napari_medseg.core.io import read_volume
+    from napari_medseg.core.models import Model
+
+    network, card = model_from_bundle(spleen["bundle"])
+    volume = read_volume(spleen["scan"])
+    seen = []
+
+    def stop_at_the_first_window(fraction, message):
+        seen.append(message)
+        if message.startswith("window"):
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        segment(volume.layer_data(), volume.geometry.layer_affine_ras, Model(network, card),
+                InferenceSettings(device="cpu"), progress=stop_at_the_first_window)
+    assert seen[-1].startswith("window 1 of ")
+
+
+def test_a_ct_bundle_refuses_an_mr_scan_in_one_line(spleen, tmp_path):
+    from dicom_factory import pyradiomics_scan
+
+    assert cli("models", "import-bundle", spleen["bundle"], "--name", "spleen-scope").returncode == 0
+    done = cli("predict", pyradiomics_scan("brain1"), "-o", tmp_path / "mask.nii.gz", "--model", "spleen-scope")
+    assert done.returncode != 0 and not (tmp_path / "mask.nii.gz").exists()
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("napari-medseg: error:") and "CT" in last and "MR" in last, done.stderr
+
+
+def test_model_pt_carrying_code_is_refused_and_the_code_never_runs(spleen, tmp_path):
+    class RunsCode:
+        def __init__(self, path):
+            self.path = str(path)
+
+        def __reduce__(self):
+            return (open, (self.path, "w"))
+
+    folder = tmp_path / "bundle"
+    shutil.copytree(spleen["bundle"], folder)
+    marker = tmp_path / "code-ran"
+    state = torch.load(folder / "models" / "model.pt", weights_only=True)
+    torch.save({**state, "extra": RunsCode(marker)}, folder / "models" / "model.pt")
+    done = cli("models", "import-bundle", folder)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == ("napari-medseg: error: refusing the bundle's model.pt: it holds a pickled object of type io.open, "
+                    "which could run code when loaded; only a plain state dict is read"), last
+    assert not marker.exists()
+
+
+def test_import_bundle_refuses_a_config_that_runs_code_in_one_line(spleen, tmp_path):
+    folder = tmp_path / "bundle"
+    shutil.copytree(spleen["bundle"], folder)
+    marker = tmp_path / "code-ran"
+    config = read_config(folder)
+    config["preprocessing"]["transforms"][3]["pixdim"] = f"$open({str(marker)!r}, 'w') and [1.5, 1.5, 2.0]"
+    (folder / "configs" / "inference.json").write_text(json.dumps(config))
+    done = cli("models", "import-bundle", folder)
+    assert done.returncode != 0 and not marker.exists()
+    assert "'preprocessing::transforms::3::pixdim' is a Python expression" in done.stderr.strip().splitlines()[-1]
+
+
+def test_an_imported_bundle_says_what_it_does_not_offer(spleen):
+    from napari_medseg.core.card import ModelError
+    from napari_medseg.core.errors import MedsegError
+    from napari_medseg.core.explain import explain
+    from napari_medseg.core.io import read_volume
+    from napari_medseg.core.models import ModelRegistry
+
+    from napari_medseg.core.bundle import import_bundle
+
+    registry = ModelRegistry()
+    import_bundle(spleen["bundle"], registry, name="spleen-offers")
+    with pytest.raises(ModelError, match="prediction only; fine-tuning it is not offered"):
+        registry.load("spleen-offers", for_training=True)
+    volume = read_volume(spleen["scan"])
+    with pytest.raises(MedsegError, match=r"does not offer gradcam maps \(it offers: none\)"):
+        explain(volume.layer_data(), volume.geometry.layer_affine_ras, registry.load("spleen-offers"), "gradcam")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from napari_medseg.core.network import AttentionUNet3D, build_network
+from napari_medseg.core.network import AttentionUNet3D, build_network, fuse_batch_norm
 
 
 def tiny_net(**kw) -> AttentionUNet3D:
@@ -135,3 +135,26 @@ def test_linknet_trains_and_takes_forward_hooks():
     assert not torch.equal(before, net.tp_conv2.weight) and net.up3.conv1[0].weight.grad is not None
     probabilities = net.eval()(x)
     torch.testing.assert_close(probabilities.sum(1), torch.ones(1, 64, 64, 64))
+
+
+def test_batch_norm_folds_into_monais_convolution_blocks_with_the_same_outputs():
+    """An imported bundle's UNet: every BatchNorm3d sits in a MONAI Convolution block's ADN."""
+    import copy
+
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    network = UNet(3, 1, 2, [8, 16, 32], [2, 2], num_res_units=2, norm="batch")
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm3d):  # statistics a trained network would have
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    network.eval()
+    fused = fuse_batch_norm(copy.deepcopy(network))
+    assert sum(isinstance(m, torch.nn.BatchNorm3d) for m in network.modules()) == 9
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fused.modules())
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), network(x), atol=1e-5, rtol=1e-5)

@@ -345,3 +345,44 @@ def test_gradcam_runs_on_the_imported_nnunet_model_and_points_at_its_class(genui
     heat = np.asarray(nib.load(tmp_path / "gradcam.nii.gz").dataobj)
     bone = np.asarray(nib.load(genuine["held_out_labels"]).dataobj) == 2
     assert heat.shape == bone.shape and heat[bone].mean() > 20 * heat[~bone].mean()
+
+
+def test_one_fine_tuning_round_runs_on_the_imported_nnunet_model(genuine, tmp_path):
+    """Corrections of real lung CT crops train a new version of the imported network, which the
+    held-out gate then judges; the weights stay float32, as nnU-Net runs them."""
+    from nnunet_factory import DATASET, PATCH
+
+    from napari_medseg.core.finetune import fine_tune
+    from napari_medseg.core.inference import segment
+    from napari_medseg.core.io import read_volume
+    from napari_medseg.core.models import read_model_file
+    from napari_medseg.core.nnunet import import_nnunet
+    from napari_medseg.core.workspace import Workspace
+
+    entry = import_nnunet(genuine["folder"], folds=["0"], name="lung-ct-tune")
+    workspace = Workspace(tmp_path / "workspace")
+    workspace.ensure_model(str(entry.path))
+    model = workspace.load_model()
+    raw = genuine["root"] / "raw" / DATASET
+    for index, split in ((0, "train"), (1, "train"), (2, "validation")):
+        scan = read_volume(raw / "imagesTr" / f"case{index}_0000.nii.gz")
+        label = read_volume(raw / "labelsTr" / f"case{index}.nii.gz").layer_data().astype(np.uint8)
+        image = scan.layer_data()
+        prediction = segment(image, scan.geometry.layer_affine_ras, model).labels if split == "train" else None
+        workspace.submit(image, scan.geometry, label, prediction, model=model.title, split=split)
+    result = fine_tune(workspace, steps=3, device="cpu", patch_size=tuple(PATCH), learning_rate=1e-4)
+    assert result.metrics["training"]["steps"] == 3
+    assert 0 < result.metrics["validation_dice_before"] <= 1 and 0 < result.metrics["validation_dice_after"] <= 1
+    if result.promoted:
+        state, card = read_model_file(workspace.registry.resolve(f"{card_name(workspace)}@{result.version}"))
+        assert card.network.architecture == "NnUNetEnsemble"
+        assert all(t.dtype == torch.float32 for name, t in state.items() if "running_" not in name)
+    else:
+        assert "not promoted" in result.reason and workspace.current_version() == "v1"
+    _state, first = read_model_file(workspace.registry.resolve(f"{card_name(workspace)}@v1"))
+    assert first.provenance["weights"] == "float32"
+    assert all(t.dtype == torch.float32 for t in _state.values() if t.is_floating_point())
+
+
+def card_name(workspace) -> str:
+    return workspace.model_name

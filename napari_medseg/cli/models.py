@@ -93,6 +93,18 @@ def add_parsers(sub) -> None:
     nnunet.add_argument("--name", default=None, help="model name (default: DatasetNNN_Name-CONFIGURATION)")
     nnunet.add_argument("--version", default=None, help="model version (default: 1.0.0)")
     nnunet.set_defaults(func=cmd_import_nnunet)
+    bundle = models_sub.add_parser(
+        "import-bundle", formatter_class=Formatter,
+        help="import a MONAI bundle (configs/inference.json, configs/metadata.json, models/model.pt) as a model",
+        description="Import a MONAI bundle. The config is read as data and never run: the network, transforms "
+                    "and inferer are built only from allow-listed MONAI classes with literal arguments, and a "
+                    "$-expression is refused. models/model.pt is read as a plain state dict "
+                    "(weights_only=True). Predictions run through the bundle's own MONAI transforms and inferer. "
+                    "The model becomes the current version of its name.")
+    bundle.add_argument("folder", metavar="DIR", help="the bundle folder")
+    bundle.add_argument("--name", default=None, help="model name (default: the bundle folder's name)")
+    bundle.add_argument("--version", default=None, help="model version (default: the version in metadata.json)")
+    bundle.set_defaults(func=cmd_import_bundle)
     convert = models_sub.add_parser(
         "convert", formatter_class=Formatter,
         help="convert a published network into a model (deepbet)",
@@ -190,6 +202,16 @@ def cmd_import_nnunet(args) -> int:
     card = entry.card
     print(f"imported {card.title}: {len(card.provenance.get('folds', []))} fold(s), {card.n_classes - 1} "
           f"classes ({', '.join(label.name for label in card.labels[1:6])}"
+          f"{', ...' if card.n_classes > 6 else ''}), {card.modality}, into {entry.path.parent.name}/")
+    return 0
+
+
+def cmd_import_bundle(args) -> int:
+    from ..core.bundle import import_bundle
+
+    entry = import_bundle(args.folder, name=args.name, version=args.version, progress=stderr_progress("import"))
+    card = entry.card
+    print(f"imported {card.title}: {card.n_classes - 1} classes ({', '.join(l.name for l in card.labels[1:6])}"
           f"{', ...' if card.n_classes > 6 else ''}), {card.modality}, into {entry.path.parent.name}/")
     return 0
 

@@ -38,6 +38,8 @@ GRID_KINDS = ("spacing", "shape")
 INTERPOLATIONS = ("area", "linear", "nearest", "spline")
 NORMALISATIONS = ("ct", "mr_robust_zscore", "quantile_zscore", "ct_zscore", "zscore")
 WINDOW_PLANS = ("ours", "step")
+# Who runs the pipeline: our engine, or a MONAI bundle's own transforms and inferer (see .bundle).
+PIPELINE_KINDS = ("ours", "monai_bundle")
 STATISTICS = ("region", "field_of_view")
 OUTPUTS = ("logits", "probabilities")
 POSTPROCESSING = ("inside_body", "largest_component", "fill_holes")
@@ -262,9 +264,12 @@ class Pipeline:
     postprocessing: tuple = ()
     windows: Windows = field(default_factory=Windows)
     normalise_first: bool = False       # normalise before resampling (nnU-Net's order)
+    kind: str = "ours"
+    bundle: dict | None = None          # a bundle's prediction sections, rebuilt through the allow-list
 
     def to_dict(self) -> dict:
-        return {"axis_order": self.axis_order, "roi": self.roi.to_dict(), "grid": self.grid.to_dict(),
+        extra = {"kind": self.kind, "bundle": copy.deepcopy(self.bundle)} if self.kind != "ours" else {}
+        return {**extra, "axis_order": self.axis_order, "roi": self.roi.to_dict(), "grid": self.grid.to_dict(),
                 "normalisation": self.normalisation.to_dict(), "patch_size": list(self.patch_size),
                 "output": self.output, "threshold": self.threshold,
                 "postprocessing": list(self.postprocessing), "windows": self.windows.to_dict(),
@@ -473,6 +478,10 @@ def _pipeline(raw, where: str) -> Pipeline:
     )
     if not 0 < windows.step <= 1 or any(a not in (0, 1, 2) for a in windows.mirror_axes):
         raise ModelError(f"'{where}': the window step must lie in (0, 1] and mirror axes be 0, 1 or 2")
+    kind = _choice(raw.get("kind", "ours"), PIPELINE_KINDS, "the pipeline kind", where)
+    bundle = raw.get("bundle") if kind == "monai_bundle" else None
+    if kind == "monai_bundle" and not (isinstance(bundle, dict) and "preprocessing" in bundle and "inferer" in bundle):
+        raise ModelError(f"'{where}': a MONAI bundle's pipeline needs its preprocessing and inferer")
     axis_order = raw.get("axis_order", "SPL")
     if axis_order_error(axis_order):
         raise ModelError(f"'{where}': {axis_order_error(axis_order)}")
@@ -483,6 +492,7 @@ def _pipeline(raw, where: str) -> Pipeline:
         output=_choice(raw.get("output", "logits"), OUTPUTS, "the network output", where),
         threshold=None if threshold is None else float(threshold),
         postprocessing=post, windows=windows, normalise_first=bool(raw.get("normalise_first", False)),
+        kind=kind, bundle=bundle,
     )
 
 

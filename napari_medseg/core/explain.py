@@ -221,7 +221,8 @@ def explain(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, method
     if method not in METHODS:
         raise MedsegError(f"unknown method '{method}' (use one of: {', '.join(METHODS)})")
     if method not in model.card.explain:
-        raise MedsegError(f"{model.title} does not offer {method} maps (it offers: {', '.join(model.card.explain)})")
+        offers = ', '.join(model.card.explain) or 'none'
+        raise MedsegError(f"{model.title} does not offer {method} maps (it offers: {offers})")
     settings = settings or InferenceSettings()
     options = {"target": str(target), "layer": str(layer), "channel": channel, "tta": settings.tta,
                "region": hashlib.sha1(np.ascontiguousarray(region).tobytes()).hexdigest() if region is not None else ""}

@@ -593,10 +593,11 @@ def segment(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, settin
     scan's grid; implausible results carry warnings (see :mod:`.domain`).
     ``want_uncertainty`` adds the normalised entropy map from the same pass.
     """
-    from .domain import result_warnings
-
     card = model.card
     settings = (settings or InferenceSettings()).for_card(card)
+    if card.pipeline.kind == "monai_bundle":
+        return _segment_with_bundle(layer_array, layer_affine_ras, model, settings, want_probabilities,
+                                    want_uncertainty, progress)
     report(progress, 0.0, "preparing the scan")
     prepared = prepare(layer_array, layer_affine_ras, card, model.roi_network, pick_device(settings.device))
     output = card.pipeline.output
@@ -638,10 +639,20 @@ def segment(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, settin
     raw_labels = labels.copy() if apply_postprocessing and card.pipeline.postprocessing else labels
     if apply_postprocessing and card.pipeline.postprocessing:
         postprocess(labels, layer_array, card.pipeline.postprocessing)
-    info = dict(result.info, model=model.title, model_sha256=card.content_sha256,
-                model_shape=list(prepared.model_shape), scan_shape=list(prepared.layer_shape),
+    info = dict(result.info, model_shape=list(prepared.model_shape), scan_shape=list(prepared.layer_shape),
                 region=prepared.info.get("region"), postprocessed=bool(apply_postprocessing),
                 first_stage_seconds=prepared.info.get("first_stage_seconds", 0.0))
+    return _finished(labels, raw_labels, probabilities, uncertainty, info, layer_array, layer_affine_ras, model,
+                     progress)
+
+
+def _finished(labels, raw_labels, probabilities, uncertainty, info, layer_array, layer_affine_ras, model,
+              progress) -> Segmentation:
+    """The segmentation with its volumes and the card's plausibility warnings."""
+    from .domain import result_warnings
+
+    card = model.card
+    info = dict(info, model=model.title, model_sha256=card.content_sha256)
     segmentation = Segmentation(labels, probabilities, card.label_names, card.label_colors,
                                 layer_spacing(layer_affine_ras), info,
                                 {label.value: label.expected_ml for label in card.labels if label.expected_ml},
@@ -651,6 +662,23 @@ def segment(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, settin
     segmentation.warnings.extend(result_warnings(segmentation, raw_labels, layer_array, card, rows))
     report(progress, 1.0, "done")
     return segmentation
+
+
+def _segment_with_bundle(layer_array, layer_affine_ras, model, settings, want_probabilities, want_uncertainty,
+                         progress) -> Segmentation:
+    """A MONAI bundle's model: its own transforms, inferer and inverse, on our device and predictor."""
+    from .bundle import bundle_prediction
+
+    labels, probabilities, info = bundle_prediction(
+        layer_array, layer_affine_ras, model.card, model.network, pick_device(settings.device), settings.amp,
+        want_probabilities or want_uncertainty, progress)
+    uncertainty = None
+    if want_uncertainty and probabilities is not None:
+        uncertainty = normalised_entropy(probabilities, "probabilities").numpy()
+    probabilities = probabilities.float().numpy() if probabilities is not None else None
+    info = dict(info, scan_shape=list(layer_array.shape), postprocessed=True)
+    return _finished(labels, labels, probabilities if want_probabilities else None, uncertainty, info,
+                     layer_array, layer_affine_ras, model, progress)
 
 
 def labels_to_scan_nearest(labels: np.ndarray, prepared: PreparedScan) -> np.ndarray:

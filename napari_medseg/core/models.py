@@ -80,6 +80,12 @@ def user_home() -> Path:
     return Path(base) / "napari-medseg"
 
 
+def refused_pickle(exc: Exception) -> str:
+    """What ``torch.load(weights_only=True)`` refused, in words: "a pickled object of type io.open"."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc)) or re.search(r"but got <class '([\w.]+)'>", str(exc))
+    return f"a pickled object of type {found.group(1)}" if found else "a pickled object that is not weights"
+
+
 # -- hashing -----------------------------------------------------------------------
 
 def content_hash(state: dict, card: dict) -> str:
@@ -99,16 +105,20 @@ def content_hash(state: dict, card: dict) -> str:
 # -- saving and loading ------------------------------------------------------------
 
 def save_model(path: str | os.PathLike, network: torch.nn.Module, card: ModelCard | dict,
-               roi_network: torch.nn.Module | None = None, half_precision: bool = True) -> Path:
+               roi_network: torch.nn.Module | None = None, half_precision: bool | None = None) -> Path:
     """Write ``network`` (and a first-stage ``roi_network``) with ``card`` to one safetensors file.
 
-    Floating-point weights are stored as float16 by default (half the size),
-    batch-norm statistics as float32. Written atomically; the folder must exist.
+    Floating-point weights are stored as float16 (half the size), batch-norm statistics as
+    float32, unless the card's provenance says ``weights: float32`` (an imported model, kept
+    as its own tool runs it, also in later versions) or ``half_precision`` says otherwise.
+    Written atomically; the folder must exist.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     card = card if isinstance(card, ModelCard) else parse_card({"format": FORMAT, **card}, path.name)
+    if half_precision is None:
+        half_precision = card.provenance.get("weights") != "float32"
     state = {}
     parts = [("", network)] + ([(ROI_PREFIX, roi_network)] if roi_network is not None else [])
     for prefix, module in parts:
@@ -217,6 +227,9 @@ def networks_from_state(state: dict, card: ModelCard, where: str) -> tuple:
 def load_model(path: str | os.PathLike, for_training: bool = False) -> Model:
     """Load and verify a model file. For inference, batch norm is folded into the convolutions."""
     state, card = read_model_file(path)
+    if for_training and card.pipeline.kind == "monai_bundle":
+        raise ModelError(f"{card.title} runs through its MONAI bundle's own transforms, which serve prediction "
+                         "only; fine-tuning it is not offered")
     network, roi_network = networks_from_state(state, card, Path(path).name)
     for module in filter(None, (network, roi_network)):
         module.eval()
@@ -364,7 +377,7 @@ class ModelRegistry:
         return next(e for e in self.entries() if e.path == target), True
 
     def add_version(self, network: torch.nn.Module, card: ModelCard, make_current: bool = False,
-                    roi_network: torch.nn.Module | None = None, half_precision: bool = True) -> ModelEntry:
+                    roi_network: torch.nn.Module | None = None, half_precision: bool | None = None) -> ModelEntry:
         """Save a new version of a model into the user folder (kept for rollback)."""
         target = self.user_dir / card.name / f"{card.version}.safetensors"
         if target.exists():

@@ -63,9 +63,9 @@ def read_checkpoint(path: str | Path) -> NnUNetCheckpoint:
         with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc)) or re.search(r"but got <class '([\w.]+)'>", str(exc))
-        what = f"a pickled object of type {found.group(1)}" if found else "a pickled object that is not weights"
-        raise MedsegError(f"refusing nnU-Net checkpoint '{path.name}': it holds {what}, which could run code "
+        from .models import refused_pickle
+
+        raise MedsegError(f"refusing nnU-Net checkpoint '{path.name}': it holds {refused_pickle(exc)}, which could run code "
                           "when loaded") from None
     except (OSError, RuntimeError, EOFError) as exc:
         raise MedsegError(f"cannot read nnU-Net checkpoint '{path.name}': {str(exc).splitlines()[0]}") from None
@@ -384,6 +384,7 @@ def model_from_results_folder(path, folds=None, checkpoint: str = "final", name:
         },
         "explain": explain_methods_for("NnUNetEnsemble"),
         "provenance": {"source": f"nnU-Net v2 results folder {dataset_name}/{results.folder.name}",
+                       "weights": "float32",
                        "kind": "nnunet", "trainer": trainer, "plans": plans_name, "configuration": configuration_name,
                        "folds": chosen, "checkpoint": f"checkpoint_{checkpoint}.pth",
                        "training_data": str(results.dataset.get("reference") or results.dataset.get("name") or
@@ -406,4 +407,4 @@ def import_nnunet(path, registry=None, folds=None, checkpoint: str = "final", na
     network, card = model_from_results_folder(path, folds, checkpoint, name, version, progress=progress)
     if any(entry.name == card.name and entry.version == card.version for entry in registry.entries()):
         raise MedsegError(f"{card.title} is already installed; pass --version (or --name) to import another copy")
-    return registry.add_version(network, card, make_current=True, half_precision=False)
+    return registry.add_version(network, card, make_current=True)
