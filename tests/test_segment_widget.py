@@ -125,3 +125,50 @@ def test_saved_segmentation_lands_in_the_scan_file_geometry(qtbot, segment_widge
     scan = read_volume(sample_path())
     np.testing.assert_array_equal(mask.geometry.affine_ras, scan.geometry.affine_ras)
     np.testing.assert_array_equal(mask.layer_data(), layer.data)
+
+
+def test_a_three_class_imported_model_gives_named_coloured_sortable_volumes_and_a_subset_filter(
+        qtbot, make_napari_viewer, monkeypatch, tmp_path):
+    """The genuine nnU-Net folder's model (background, body, bone; see nnunet_factory) on its
+    held-out real CT crop, through the Segment dock."""
+    from nnunet_factory import build
+
+    from napari_medseg.core.nnunet import import_nnunet
+
+    monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home"))
+    genuine = build()
+    entry = import_nnunet(genuine["folder"], folds=["0"], name="lung-ct")
+    viewer = make_napari_viewer()
+    for data, kwargs, kind in napari_get_reader(str(genuine["held_out"]))(str(genuine["held_out"])):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Segment")
+    widget._model.value = str(entry.path)
+    widget._show.value = ""
+    task = widget.run()
+    wait_for(qtbot, widget, timeout=120000)
+    assert task.error is None, task.error
+    layer = widget.last_layer
+    assert isinstance(layer, Labels) and set(np.unique(layer.data)) == {0, 1, 2}
+    assert list(layer.features["name"]) == ["background", "body", "bone"]
+    colors = layer.colormap.color_dict
+    assert all(colors[v][3] > 0 for v in (1, 2)) and not np.allclose(colors[1], colors[2])
+
+    table = widget._table.native
+    assert [table.item(r, 1).text() for r in range(table.rowCount())] == ["body", "bone"]
+    volumes = {table.item(r, 1).text(): float(table.item(r, 2).text()) for r in range(table.rowCount())}
+    voxel_ml = float(np.prod(np.abs(np.diag(layer.affine.affine_matrix)[:3]))) / 1000
+    for value, name in ((1, "body"), (2, "bone")):
+        assert volumes[name] == pytest.approx((layer.data == value).sum() * voxel_ml, rel=0.01, abs=0.01)
+    table.sortItems(2)  # the volume column, as a click on its header does
+    ordered = [float(table.item(r, 2).text()) for r in range(table.rowCount())]
+    assert ordered == sorted(ordered)
+
+    widget._show.value = "bone"
+    colors = layer.colormap.color_dict
+    assert colors[2][3] > 0 and colors[1][3] == 0
+    widget._show.value = "1"
+    assert layer.colormap.color_dict[1][3] > 0 and layer.colormap.color_dict[2][3] == 0
+    widget._show.value = ""
+    assert all(layer.colormap.color_dict[v][3] > 0 for v in (1, 2))
+    viewer.layers.remove(layer)

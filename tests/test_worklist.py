@@ -340,3 +340,63 @@ def test_cli_errors_are_one_line(tmp_path):
     assert made.returncode == 0 and (tmp_path / "new" / "export" / "worklist.csv").is_file()
     bad = cli("worklist", "add", tmp_path / "ws" / "index.sqlite", "--workspace", tmp_path / "ws")
     assert bad.returncode == 0 and "not a scan" in bad.stderr
+
+
+def test_a_three_class_model_runs_through_the_worklist_into_a_seg_with_every_segment_named(tmp_path):
+    """The genuine nnU-Net model (body, bone) on its held-out real CT, written as a DICOM
+    series; the SEG read back with highdicom has both segments by name, on the right slices."""
+    import highdicom as hd
+    import SimpleITK as sitk
+    from dicom_factory import write_image
+    from nnunet_factory import build
+    from pydicom.uid import generate_uid
+
+    from napari_medseg.core.models import load_model
+    from napari_medseg.core.nnunet import import_nnunet
+
+    genuine = build()
+    model = load_model(import_nnunet(genuine["folder"], folds=["0"], name="lung-ct-seg").path)
+    image = sitk.ReadImage(str(genuine["held_out"]))
+    assert image.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    pixels = sitk.GetArrayFromImage(image)                      # (k, row, column)
+    series = tmp_path / "scans" / "ct"
+    series.mkdir(parents=True)
+    uids = {"series_uid": generate_uid(), "study_uid": generate_uid(), "frame_uid": generate_uid()}
+    for k in range(pixels.shape[0]):
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        write_image(series / f"IM{k + 1:04d}.dcm", pixels[k], position=position, orientation=(1, 0, 0, 0, 1, 0),
+                    spacing=(image.GetSpacing()[1], image.GetSpacing()[0]), number=k + 1,
+                    extra={"SliceThickness": f"{image.GetSpacing()[2]:g}"}, **uids)
+    workspace = Workspace(tmp_path / "ws")
+    worklist = Worklist(workspace)
+    worklist.add([series])
+    from napari_medseg.core.inference import InferenceSettings
+
+    summary = run_worklist(workspace, model, settings=InferenceSettings(device="cpu", tta=False))
+    assert summary.predicted == 1, summary
+    out = tmp_path / "export"
+    out.mkdir()
+    exported = export_worklist(workspace, out, dicom_seg=True)
+    assert exported.segs == 1, exported.problems
+    (case,) = worklist.cases()
+    table = json.loads((out / "worklist.json").read_text())
+    assert [(v["value"], v["name"]) for v in table[0]["volumes"]] == [(1, "body"), (2, "bone")]
+    assert (out / "worklist.csv").read_text().splitlines()[0].endswith("body mL,bone mL")
+    seg = hd.seg.segread(str(next(out.glob("*.seg.dcm"))))
+    labels = {d.SegmentNumber: d.SegmentLabel for d in seg.SegmentSequence}
+    assert sorted(labels.values()) == ["body", "bone"]
+    mask = np.asarray(nib.load(worklist.path(case, "mask")).dataobj)       # (i, j, k)
+    by_uid = {pydicom.dcmread(str(p), stop_before_pixels=True).SOPInstanceUID: int(p.stem[2:]) - 1
+              for p in series.iterdir()}
+    number_of = {name: number for number, name in labels.items()}
+    frames = seg.pixel_array if seg.pixel_array.ndim == 3 else seg.pixel_array[None]
+    seen = set()
+    for n, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        number = frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        value = {number_of["body"]: 1, number_of["bone"]: 2}[number]
+        k = by_uid[uid]
+        assert np.array_equal(frames[n].astype(bool), (mask[:, :, k] == value).T), f"frame {n}"
+        seen.add((value, k))
+    assert seen == {(v, k) for v in (1, 2) for k in range(mask.shape[2]) if (mask[:, :, k] == v).any()}
+    assert any(v == 2 for v, _ in seen)

@@ -61,6 +61,24 @@ def default_color(value: int) -> list:
     return [*map(float, rng.uniform(0.3, 1.0, 3)), 1.0]
 
 
+def labels_matching(names: dict, query: str) -> set:
+    """The label values a filter such as ``"lung, airway"`` or ``"1, 5-7"`` shows: every value
+    whose name contains one of the comma-separated words (any case), or that a number or
+    range names. An empty filter shows every label."""
+    terms = [term.strip().lower() for term in str(query or "").split(",") if term.strip()]
+    if not terms:
+        return set(names)
+    shown = set()
+    for term in terms:
+        low, dash, high = term.partition("-")
+        if low.strip().isdigit() and (not dash or high.strip().isdigit()):
+            first, last = int(low), int(high) if dash else int(low)
+            shown |= {value for value in names if first <= value <= last}
+        else:
+            shown |= {value for value, name in names.items() if term in str(name).lower()}
+    return shown
+
+
 def explain_methods_for(architecture: str) -> list:
     """The maps a network of ``architecture`` can give: attention maps need attention gates."""
     return [method for method in EXPLAIN_METHODS

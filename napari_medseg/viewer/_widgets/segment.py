@@ -11,6 +11,7 @@ from magicgui.widgets import (
     FileEdit,
     FloatSpinBox,
     Label,
+    LineEdit,
     PushButton,
     Table,
 )
@@ -22,6 +23,7 @@ from .._layers import make_metadata, medseg_meta, remember_prediction, scan_imag
 from .._worker import BackgroundTask
 from .._workspace import workspace_events
 from ._models import model_choices_of, select_default_model
+from ...core.card import labels_matching
 from ...core.defaults import DEFAULT_OVERLAP, DEVICE_HELP, DEVICES
 from ...core.errors import MedsegError
 from ...core.inference import InferenceSettings
@@ -68,8 +70,13 @@ class SegmentWidget(DockPanel):
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._status = Label(value="")
         self._table = Table(value={"data": [], "index": [], "columns": list(TABLE_COLUMNS)})
+        self._table.native.setSortingEnabled(True)  # click a header: by volume, by name, ...
+        self._show = LineEdit(label="Show labels", value="",
+                              tooltip="Show only some labels of the result: names or values, comma-separated "
+                                      "(lung, airway or 1, 5-7); empty shows every label")
         self.extend([self._image, self._model, self._import_path, self._import, self._device,
-                     self._overlap, self._tta, self._run, self._cancel, self._status, self._table])
+                     self._overlap, self._tta, self._run, self._cancel, self._status, self._show, self._table])
+        self._show.changed.connect(lambda _value=None: self.show_labels(self._show.value))
         select_default_model(self._model, napari_viewer)
         workspace_events.changed.connect(self._workspace_changed)
         self._run.changed.connect(self.run)
@@ -150,12 +157,34 @@ class SegmentWidget(DockPanel):
             self._status.value = "failed; see the notification"
 
     # -- result ----------------------------------------------------------------
+    @staticmethod
+    def _colormap(colors: dict, names: dict, query: str):
+        """Each label in its card colour; those the filter leaves out transparent."""
+        from napari.utils.colormaps import DirectLabelColormap
+
+        shown = labels_matching(names, query)
+        color_dict = {None: (0, 0, 0, 0)}
+        for value in sorted(names):
+            red, green, blue, alpha = (tuple(colors.get(value, (1, 1, 1, 1))) + (1.0,))[:4]
+            color_dict[value] = (red, green, blue, alpha if value in shown else 0.0)
+        return DirectLabelColormap(color_dict=color_dict)
+
+    def show_labels(self, query: str) -> None:
+        """Show only the labels that ``query`` names in the last result (see ``labels_matching``)."""
+        layer = self.last_layer
+        if layer is None or layer not in self.viewer.layers:
+            return
+        names = {int(k): v for k, v in (medseg_meta(layer).get("label_names") or {}).items()}
+        shown = labels_matching(names, query)
+        if query.strip() and not shown - {0}:
+            show_warning(f"napari-medseg: no label of '{layer.name}' matches '{query}'; all are shown")
+            query = ""
+        colors = {int(v): tuple(c) for v, c in (medseg_meta(layer).get("label_colors") or {}).items()}
+        layer.colormap = self._colormap(colors, names, query)
     def result_layer_name(self, image_layer, model) -> str:
         return f"{image_layer.name} {model.name}"
 
     def _show_result(self, image_layer, geometry, prediction) -> None:
-        from napari.utils.colormaps import DirectLabelColormap
-
         model, result = prediction.model, prediction.segmentation
         name = self.result_layer_name(image_layer, model)
         names = result.label_names
@@ -166,12 +195,11 @@ class SegmentWidget(DockPanel):
             "name": [names[v] for v in values],
             "volume_ml": [volumes[v]["ml"] if v in volumes else np.nan for v in values],
         }
-        colors = {v: result.label_colors.get(v, (1, 1, 1, 1)) for v in values}
-        colors[None] = (0, 0, 0, 0)
-        colormap = DirectLabelColormap(color_dict=colors)
+        colormap = self._colormap(result.label_colors, names, self._show.value)
         metadata = make_metadata(geometry=geometry.to_dict(), model=model.title,
                                  model_sha256=model.card.content_sha256,
                                  label_names={str(k): v for k, v in names.items()},
+                                 label_colors={str(k): list(c) for k, c in result.label_colors.items()},
                                  segmentation_of=image_layer.name,
                                  scan_source_path=medseg_meta(image_layer).get("source_path"),
                                  run={k: v for k, v in result.info.items() if k != "warnings"},
