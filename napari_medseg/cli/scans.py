@@ -8,8 +8,8 @@ from pathlib import Path
 from ..core.defaults import DEVICE_HELP, DEVICES
 from ..core.errors import MedsegError, MultipleSeriesError, OutOfScope
 from ..core.privacy import scrub
-from ._common import (Formatter, add_inference_options, add_input_options, inference_settings, load_model_of,
-                      model_inputs,                       printed_json_or_empty, stderr_progress, warn)
+from ._common import (Formatter, add_inference_options, add_input_options, add_volume_options, inference_settings,
+                      load_model_of, model_inputs, printed_json_or_empty, stderr_progress, warn)
 
 
 def add_parsers(sub) -> None:
@@ -21,7 +21,11 @@ def add_parsers(sub) -> None:
 
     predict = sub.add_parser("predict", formatter_class=Formatter,
                              help="segment a scan; the mask is written in the scan's geometry")
-    add_input_options(predict)
+    predict.add_argument("input", metavar="INPUT", nargs="+",
+                         help="NIfTI, NRRD or MetaImage file, or a DICOM folder; a model of several input "
+                              "sequences takes one per channel, in the card's order (predict T1 T2 -o OUT); "
+                              "the mask is on the first one's grid")
+    add_volume_options(predict)
     predict.add_argument("-o", "--output", required=True, metavar="OUT.nii.gz",
                          help="label mask to write (.nii.gz, .nii, .nrrd, .mha); its folder must exist")
     predict.add_argument("--model", default=None, metavar="NAME|PATH",
@@ -145,28 +149,34 @@ def print_series(series: list, skipped: list) -> None:
         print(scrub(line))
 
 
-def _read_scan(args, action: str):
+def _read_scan(args, action: str, path=None):
     from ..core.io import read_volume
     from ..core.predict import ScanImage
 
-    volume = read_volume(args.input, volume_index=args.volume, series=args.series)
+    volume = read_volume(path or args.input, volume_index=args.volume, series=args.series)
     return volume, ScanImage.from_volume(volume, action)
 
 
 def cmd_predict(args) -> int:
     from ..core.io import MASK_SUFFIXES, NIFTI_SUFFIXES, map_file, mask_file
     from ..core.outputs import check_outputs, write_files
-    from ..core.predict import predict_scan
+    from ..core.predict import predict_scan, stack_channels
 
     if not args.output.lower().endswith(MASK_SUFFIXES):
         raise MedsegError(f"cannot write '{args.output}': use .nii.gz, .nii, .nrrd or .mha")
     if args.probabilities and not args.probabilities.lower().endswith(NIFTI_SUFFIXES):
         raise MedsegError(f"cannot write probabilities to '{args.probabilities}': use .nii.gz or .nii")
     check_outputs({"-o": args.output, "--probabilities": args.probabilities},
-                  [args.input] + model_inputs(args.model))
+                  list(args.input) + model_inputs(args.model))
     settings = inference_settings(args)
     model = load_model_of(args)
-    volume, scan = _read_scan(args, "segment")
+    channels = model.card.channels
+    if len(args.input) != len(channels):
+        raise MedsegError(f"{model.title} takes {len(channels)} input image(s) ({', '.join(channels)}); "
+                          f"got {len(args.input)}")
+    read = [_read_scan(args, "segment", path) for path in args.input]
+    volume = read[0][0]
+    scan = read[0][1] if len(read) == 1 else stack_channels([s for _v, s in read], channels)
     try:
         prediction = predict_scan(scan, model, settings, force=args.force,
                                   want_probabilities=args.probabilities is not None,

@@ -534,6 +534,10 @@ def parse_card(data, where: str) -> ModelCard:
     if network.hparams.get("out_channels") != len(labels):
         raise ModelError(f"'{where}': the network has {network.hparams.get('out_channels')} outputs "
                          f"but the card names {len(labels)} labels")
+    channels = tuple(str(c) for c in data.get("channels") or ("image",))
+    if int(network.hparams.get("in_channels", len(channels))) != len(channels):
+        raise ModelError(f"'{where}': the network takes {network.hparams.get('in_channels')} input channels "
+                         f"but the card names {len(channels)} ({', '.join(channels)})")
     pipeline = _pipeline(data["pipeline"], where)
     roi_network = NetworkSpec.parse(data["roi_network"], where, "first-stage network") \
         if data.get("roi_network") else None
@@ -553,7 +557,7 @@ def parse_card(data, where: str) -> ModelCard:
         explain=explain, provenance=dict(data.get("provenance") or {}), metrics=dict(data.get("metrics") or {}),
         licence=data.get("licence"), citation=data.get("citation"),
         content_sha256=data.get("content_sha256"),
-        channels=tuple(str(c) for c in data.get("channels") or ("image",)),
+        channels=channels,
     )
 
 

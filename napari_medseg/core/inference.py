@@ -588,6 +588,9 @@ def segment(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, settin
             progress: Progress | None = None, want_uncertainty: bool = False) -> Segmentation:
     """Segment a layer-order scan with a loaded :class:`~napari_medseg.core.models.Model`.
 
+    A model with several input channels takes ``(C, D, H, W)`` on one grid (see
+    :func:`~.predict.stack_channels`).
+
     Steps: the card's pipeline onto the network grid (5 %), sliding window (85 %), back
     onto the scan grid and the declared post-processing (10 %). The result shares the
     scan's grid; implausible results carry warnings (see :mod:`.domain`).
@@ -637,12 +640,13 @@ def segment(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, settin
         else:
             labels = labels_to_scan_nearest(result.labels, prepared)
     raw_labels = labels.copy() if apply_postprocessing and card.pipeline.postprocessing else labels
+    first_channel = layer_array[0] if np.ndim(layer_array) == 4 else layer_array
     if apply_postprocessing and card.pipeline.postprocessing:
-        postprocess(labels, layer_array, card.pipeline.postprocessing)
+        postprocess(labels, first_channel, card.pipeline.postprocessing)
     info = dict(result.info, model_shape=list(prepared.model_shape), scan_shape=list(prepared.layer_shape),
                 region=prepared.info.get("region"), postprocessed=bool(apply_postprocessing),
                 first_stage_seconds=prepared.info.get("first_stage_seconds", 0.0))
-    return _finished(labels, raw_labels, probabilities, uncertainty, info, layer_array, layer_affine_ras, model,
+    return _finished(labels, raw_labels, probabilities, uncertainty, info, first_channel, layer_affine_ras, model,
                      progress)
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -477,8 +477,31 @@ def _network_box(probability: torch.Tensor, region_shape: tuple, margin: float, 
 
 
 def prepare(layer_array, layer_affine_ras: np.ndarray, card: ModelCard,
-            roi_network: torch.nn.Module | None = None, device: torch.device | None = None) -> PreparedScan:
-    """Bring a layer-order scan onto ``card``'s network grid (see the module's steps)."""
+            roi_network: torch.nn.Module | None = None, device: torch.device | None = None,
+            region: tuple | None = None) -> PreparedScan:
+    """Bring a layer-order scan onto ``card``'s network grid (see the module's steps).
+
+    A model with several input channels takes ``(C, D, H, W)``, every channel on one grid
+    (see :func:`~.predict.stack_channels`): the first channel finds the region, and each
+    channel is cropped, normalised with its own statistics and resampled the same way.
+    ``region``: a region found before (on the first channel), in working-order voxels.
+    """
+    if np.ndim(layer_array) == 4:
+        channels = np.asarray(layer_array)
+        if channels.shape[0] != len(card.channels):
+            raise MedsegError(f"{card.title} takes {len(card.channels)} input image(s) ({', '.join(card.channels)}); "
+                              f"got {channels.shape[0]}")
+        first = _prepare_channel(channels[0], layer_affine_ras, card, roi_network, device)
+        rest = [_prepare_channel(c, layer_affine_ras, card, roi_network, device, first.region).tensor
+                for c in channels[1:]]
+        return replace(first, tensor=torch.stack([first.tensor, *rest]).contiguous())
+    if len(card.channels) > 1:
+        raise MedsegError(f"{card.title} takes {len(card.channels)} input image(s) ({', '.join(card.channels)}); "
+                          "got 1")
+    return _prepare_channel(layer_array, layer_affine_ras, card, roi_network, device, region)
+
+
+def _prepare_channel(layer_array, layer_affine_ras, card, roi_network, device, region=None) -> PreparedScan:
     if np.ndim(layer_array) != 3 or min(np.shape(layer_array)) < 2:
         raise MedsegError(f"segmentation needs a 3D scan; this one has shape {tuple(np.shape(layer_array))}")
     pipeline = card.pipeline
@@ -488,15 +511,16 @@ def prepare(layer_array, layer_affine_ras: np.ndarray, card: ModelCard,
     roi = pipeline.roi
     mode = pipeline.grid.interpolation
     info: dict = {}
-    region = tuple(slice(0, n) for n in shape)
-    if roi.kind in ("body", "network") and pipeline.normalisation.statistics == "region":
+    given = region is not None
+    region = region if given else tuple(slice(0, n) for n in shape)
+    if not given and roi.kind in ("body", "network") and pipeline.normalisation.statistics == "region":
         # The threshold does not depend on the axis order: take it on the contiguous layer array.
         region = body_box(working, spacing, roi.margin_mm if roi.kind == "body" else max(roi.margin_mm, 10.0),
                           _otsu_above_air(np.asarray(layer_array)))
     # Intensity statistics: the region (or, to reproduce a published tool, the whole field
     # of view); the first stage's coarse grid is the sample, as in deepbet.
     air = float(np.min(layer_array))
-    if roi.kind == "network":
+    if roi.kind == "network" and not given:
         if roi_network is None:
             raise MedsegError(f"the model {card.title} needs its first-stage network, which was not loaded")
         region_tensor = torch.from_numpy(crop_working(layer_array, region, pipeline.axis_order, air))
@@ -514,7 +538,7 @@ def prepare(layer_array, layer_affine_ras: np.ndarray, card: ModelCard,
         region = tuple(slice(outer.start + box.start, outer.start + box.stop) for outer, box in zip(region, inner))
         info["first_stage_box"] = [[s.start, s.stop] for s in inner]
     mask = nonzero = None
-    if roi.kind == "nonzero":
+    if roi.kind == "nonzero" and not given:
         nonzero, region = nonzero_mask_and_box(working)
     region_tensor = torch.from_numpy(crop_working(layer_array, region, pipeline.axis_order, air))
     normalisation = pipeline.normalisation
@@ -522,7 +546,7 @@ def prepare(layer_array, layer_affine_ras: np.ndarray, card: ModelCard,
         # nnU-Net's mask rule: the non-zero mask of the whole scan, within the crop.
         mask = np.ascontiguousarray(nonzero[region]) if nonzero is not None else \
             nonzero_mask_and_box(region_tensor.numpy())[0]
-    if roi.kind != "network":
+    if roi.kind != "network" or given:
         if normalisation.kind == "zscore":   # nnU-Net's statistics: every voxel (or the mask's)
             sample = region_tensor.numpy()[mask] if mask is not None else region_tensor.numpy()
         else:

@@ -35,11 +35,45 @@ class ScanImage:
 
 
 def scope_problems(scan: ScanImage, card) -> list[str]:
-    """Why ``scan`` lies outside ``card``'s domain; empty when it fits (see :mod:`.domain`)."""
+    """Why ``scan`` lies outside ``card``'s domain; empty when it fits (see :mod:`.domain`).
+    A scan of several channels is judged by its first."""
     from .domain import scan_problems
 
-    return scan_problems(scan.data, scan.geometry.layer_spacing, card, scan.modality, scan.modality_guessed,
+    first = scan.data[0] if scan.data.ndim == 4 else scan.data
+    return scan_problems(first, scan.geometry.layer_spacing, card, scan.modality, scan.modality_guessed,
                          scan.body_part)
+
+
+def stack_channels(scans: list, names: tuple | list | None = None) -> ScanImage:
+    """One scan of several channels (``(C, D, H, W)``) on the first scan's grid.
+
+    A scan on another grid is resampled onto the first one through both affines (linear,
+    outside its field of view its minimum), and the result says so in its warnings.
+    """
+    from scipy import ndimage
+
+    scans = list(scans)
+    if not scans:
+        raise MedsegError("no input images were given")
+    names = list(names or [scan.name for scan in scans])
+    first = scans[0]
+    target = np.asarray(first.geometry.layer_affine_ras, dtype=np.float64)
+    arrays, warnings = [np.asarray(first.data, dtype=np.float32)], list(first.warnings)
+    for scan, name in zip(scans[1:], names[1:]):
+        source = np.asarray(scan.geometry.layer_affine_ras, dtype=np.float64)
+        data = np.asarray(scan.data, dtype=np.float32)
+        if data.shape == arrays[0].shape and np.allclose(source, target, atol=1e-4):
+            arrays.append(data)
+        else:
+            voxel_to_voxel = np.linalg.inv(source) @ target     # first's voxel -> this scan's voxel
+            arrays.append(ndimage.affine_transform(data, voxel_to_voxel[:3, :3], voxel_to_voxel[:3, 3],
+                                                   output_shape=arrays[0].shape, order=1, mode="constant",
+                                                   cval=float(data.min())))
+            warnings.append(f"'{scan.name}' ({name}) was on another grid and was resampled onto "
+                            f"'{first.name}''s through both files' geometry")
+        warnings.extend(w for w in scan.warnings if w not in warnings)
+    return ScanImage(np.stack(arrays), first.geometry, first.name, first.modality, first.modality_guessed,
+                     first.body_part, warnings)
 
 
 @dataclass
@@ -68,6 +102,10 @@ def predict_scan(scan: ScanImage, model, settings=None, *, force: bool = False, 
     if not isinstance(model, Model):
         report(progress, 0.0, "loading the model")
         model = load_model(model)
+    wanted, given = len(model.card.channels), (scan.data.shape[0] if scan.data.ndim == 4 else 1)
+    if wanted != given:
+        raise MedsegError(f"{model.title} takes {wanted} input image(s) ({', '.join(model.card.channels)}); "
+                          f"got {given}")
     problems = scope_problems(scan, model.card)
     if problems and not force:
         raise OutOfScope(problems)

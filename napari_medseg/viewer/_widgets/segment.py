@@ -28,7 +28,7 @@ from ...core.defaults import DEFAULT_OVERLAP, DEVICE_HELP, DEVICES
 from ...core.errors import MedsegError
 from ...core.inference import InferenceSettings
 from ...core.models import ModelRegistry, peek_card
-from ...core.predict import predict_scan, scope_problems
+from ...core.predict import predict_scan, scope_problems, stack_channels
 from .._dialogs import ask
 
 MODEL_FILTER = "Models (*.safetensors *.pt *.pth)"
@@ -77,17 +77,54 @@ class SegmentWidget(DockPanel):
         self.extend([self._image, self._model, self._import_path, self._import, self._device,
                      self._overlap, self._tta, self._run, self._cancel, self._status, self._show, self._table])
         self._show.changed.connect(lambda _value=None: self.show_labels(self._show.value))
+        # A model of several input sequences asks for one image layer per channel.
+        self._channel_boxes: list = []
+        self._model.changed.connect(lambda _value=None: self._channels_changed())
+        self._channels_changed()
         select_default_model(self._model, napari_viewer)
         workspace_events.changed.connect(self._workspace_changed)
         self._run.changed.connect(self.run)
         self._cancel.changed.connect(self.cancel)
         self._import.changed.connect(lambda: self.import_model(self._import_path.value))
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            event.connect(lambda _e=None: self._image.reset_choices())
+            event.connect(lambda _e=None: [box.reset_choices() for box in [self._image, *self._channel_boxes]])
 
     # -- choices ------------------------------------------------------------
     def _image_layers(self, _widget=None):
         return [layer for layer in self.viewer.layers if isinstance(layer, Image) and layer.ndim == 3]
+
+    def channel_names(self) -> tuple:
+        card = peek_card(Path(self._model.value)) if self._model.value else None
+        return tuple(card.channels) if card is not None else ("image",)
+
+    def _channels_changed(self) -> None:
+        """One image choice per input channel of the selected model, each defaulting to the
+        layer whose name holds the channel's name."""
+        names = self.channel_names()
+        for box in self._channel_boxes:
+            self.remove(box)
+        self._channel_boxes = []
+        self._image.label = "Image" if len(names) == 1 else f"Image ({names[0]})"
+        if len(names) == 1:
+            return
+        position = list(self).index(self._image) + 1
+        for offset, name in enumerate(names, start=0):
+            box = self._image if offset == 0 else ComboBox(
+                label=f"Image ({name})", choices=self._image_layers,
+                tooltip=f"The image layer for the model's '{name}' input; a layer on another grid is resampled "
+                        "onto the first one's")
+            match = next((layer for layer in self._image_layers() if name.lower() in layer.name.lower()), None)
+            if match is not None:
+                box.value = match
+            if offset:
+                self.insert(position + offset - 1, box)
+                self._channel_boxes.append(box)
+
+    def channel_layers_widgets(self) -> list:
+        return [self._image, *self._channel_boxes]
+
+    def channel_layers(self) -> list:
+        return [box.value for box in self.channel_layers_widgets()]
 
     def _model_choices(self, _widget=None):
         return model_choices_of(self.viewer)[0]
@@ -117,7 +154,13 @@ class SegmentWidget(DockPanel):
         if self.refuse_to_start("segment", "a segmentation", "; import a model file first"):
             return self.running_task()
         layer = self._image.value
-        scan = scan_image_of(layer)
+        layers = self.channel_layers()
+        if any(item is None for item in layers):
+            show_error("napari-medseg: the model takes "
+                       f"{len(layers)} images ({', '.join(self.channel_names())}); pick one layer for each")
+            return None
+        scan = scan_image_of(layer) if len(layers) == 1 else \
+            stack_channels([scan_image_of(item) for item in layers], self.channel_names())
         if not self._in_scope(scan):
             self._status.value = "not run: the scan is outside the model's scope"
             return None
