@@ -142,3 +142,30 @@ def test_the_segment_dock_asks_for_a_layer_per_channel_on_different_grids(
     widget._model.value = next(v for v in widget._model.choices if "t1-t2" not in str(v))
     assert [w.label for w in widget.channel_layers_widgets()] == ["Image"]
     viewer.layers.remove(layer)
+
+
+def test_the_worklist_takes_a_csv_with_one_column_per_channel(sequences, two_channel_model, tmp_path):
+    from napari_medseg.core.inference import InferenceSettings
+    from napari_medseg.core.worklist import Worklist, run_worklist
+    from napari_medseg.core.workspace import Workspace
+
+    table = tmp_path / "cases.csv"
+    table.write_text(f"name,T1,T2\nhead,{sequences['T1'].name},{sequences['T2'].name}\n"
+                     f"broken,{sequences['T1'].name},missing_T2.nii.gz\n", encoding="utf-8")
+    workspace = Workspace(tmp_path / "ws")
+    worklist = Worklist(workspace)
+    added, _known = worklist.add([table])
+    assert sorted(case.name for case in added) == ["broken", "head"]
+    broken = next(case for case in added if case.name == "broken")
+    assert broken.status == "failed" and broken.reason == "row 3 of 'cases.csv' has no readable T2 file"
+    summary = run_worklist(workspace, load_model(two_channel_model.path), settings=InferenceSettings(device="cpu"))
+    assert summary.predicted == 1, summary
+    case = next(c for c in worklist.cases() if c.name == "head")
+    assert case.status == "predicted" and len(case.sources) == 2
+    done = cli("predict", sequences["T1"], sequences["T2"], "-o", tmp_path / "cli.nii.gz", "--model", "t1-t2",
+               "--force")
+    assert done.returncode == 0, done.stderr
+    stored = np.asarray(nib.load(worklist.path(case, "mask")).dataobj)
+    assert np.array_equal(stored, np.asarray(nib.load(tmp_path / "cli.nii.gz").dataobj))
+    listing = cli("worklist", "list", "--workspace", tmp_path / "ws", "--json")
+    assert listing.returncode == 0 and str(tmp_path) not in listing.stdout  # no paths printed

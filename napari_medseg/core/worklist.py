@@ -74,6 +74,11 @@ class Case:
                 "model": self.model, "uncertainty": self.score, "warnings": self.warnings, "volumes": self.volumes,
                 "reviewer": self.reviewer, "date": self.date, "queue_item": self.item}
 
+    @property
+    def sources(self) -> list:
+        """The scan's files: one, or one per input channel (a CSV with a column per channel)."""
+        return json.loads(self.source) if self.source.startswith("[") else [self.source]
+
     def volume_text(self) -> str:
         return ", ".join(f"{row['name']} {row['ml']:.1f} mL" for row in self.volumes)
 
@@ -232,6 +237,10 @@ def _csv_cases(path: Path) -> list[Found]:
     column = 0
     header = [cell.strip().lower() for cell in rows[0]]
     named = [i for i, cell in enumerate(header) if cell in ("path", "image", "scan", "file")]
+    channels = [i for i, cell in enumerate(header) if cell not in ("name", "case", "id")]
+    if not named and len(channels) > 1 and len(rows) > 1 and all(
+            (path.parent / rows[1][i].strip()).expanduser().exists() for i in channels if i < len(rows[1])):
+        return _channel_cases(path, rows, channels)
     if named or not (path.parent / rows[0][0].strip()).exists():
         column = named[0] if named else 0
         rows = rows[1:]
@@ -242,6 +251,25 @@ def _csv_cases(path: Path) -> list[Found]:
         target = Path(row[column].strip()).expanduser()
         target = target if target.is_absolute() else path.parent / target
         found.extend(find_scans([target]))
+    return found
+
+
+def _channel_cases(path: Path, rows: list, channels: list) -> list[Found]:
+    """A CSV with one column per input channel (``name,T1,T2``): one case per row, its files in
+    the header's order, which must be the model card's."""
+    header = [cell.strip() for cell in rows[0]]
+    name_column = next((i for i, cell in enumerate(header) if cell.lower() in ("name", "case", "id")), None)
+    found = []
+    for number, row in enumerate(rows[1:], start=2):
+        cells = [row[i].strip() if i < len(row) else "" for i in channels]
+        targets = [Path(c).expanduser() for c in cells]
+        targets = [t if t.is_absolute() else path.parent / t for t in targets]
+        name = row[name_column].strip() if name_column is not None and name_column < len(row) else ""
+        name = name or (_relative_name(targets[0], path.parent) if cells[0] else f"row {number}")
+        missing = [header[i] for i, cell, t in zip(channels, cells, targets) if not cell or not t.exists()]
+        source = json.dumps([str(t.resolve()) if t.exists() else str(t) for t in targets])
+        found.append(Found(name, source, reason=f"row {number} of '{path.name}' has no readable "
+                                                f"{', '.join(missing)} file" if missing else ""))
     return found
 
 
@@ -325,7 +353,8 @@ class Worklist:
         added, known = [], []
         with self.workspace.store.transaction() as tx:
             for entry in found:
-                source = str(Path(entry.source).resolve()) if Path(entry.source).exists() else entry.source
+                source = entry.source if entry.source.startswith("[") else \
+                    str(Path(entry.source).resolve()) if Path(entry.source).exists() else entry.source
                 case_id = uuid.uuid4().hex[:16]
                 if tx.add_case(id=case_id, added=utc_timestamp(), name=entry.name, source=source,
                                series=entry.series, volume=entry.volume, date=entry.date,
@@ -425,11 +454,18 @@ class CaseResult:
 
 
 def read_case(case: Case):
-    """The case's scan as a :class:`~napari_medseg.core.io.Volume` (errors as :class:`MedsegError`)."""
+    """The case's scan as a :class:`~napari_medseg.core.io.Volume`, or a list of them, one per
+    input channel (errors as :class:`MedsegError`)."""
     from .io import read_volume
 
-    return read_volume(case.source, series=case.series or None,
-                       volume_index=case.volume if case.volume >= 0 else None)
+    volumes = [read_volume(source, series=case.series or None, volume_index=case.volume if case.volume >= 0 else None)
+               for source in case.sources]
+    return volumes[0] if len(volumes) == 1 else volumes
+
+
+def first_volume(volume):
+    """The volume that a case is shown and stored on: its first channel's."""
+    return volume[0] if isinstance(volume, list) else volume
 
 
 def boundary_uncertainty(labels: np.ndarray, uncertainty: np.ndarray, width: int = BOUNDARY_BAND_VOXELS) -> float:
@@ -458,11 +494,14 @@ def predict_case(volume, model, settings=None, progress: Progress | None = None)
     from .predict import ScanImage, predict_scan
     from .privacy import scrub
 
-    prediction = predict_scan(ScanImage.from_volume(volume), model, settings, want_uncertainty=True,
-                              progress=progress)
+    from .predict import stack_channels
+
+    scan = ScanImage.from_volume(volume) if not isinstance(volume, list) else \
+        stack_channels([ScanImage.from_volume(v) for v in volume], getattr(getattr(model, "card", None), "channels", None))
+    prediction = predict_scan(scan, model, settings, want_uncertainty=True, progress=progress)
     result = prediction.segmentation
     rows = [{key: row[key] for key in ("value", "name", "ml")} for row in result.volume_rows()]
-    return CaseResult(result.labels, result.uncertainty, volume.geometry,
+    return CaseResult(result.labels, result.uncertainty, first_volume(volume).geometry,
                       boundary_uncertainty(result.labels, result.uncertainty), rows, prediction.model.title,
                       [scrub(text) for text in result.warnings])
 
@@ -494,7 +533,7 @@ def open_case(folder, case_id: str, model_spec=None, progress: Progress | None =
             report(progress, 0.1, f"predicting {case.name}")
             case = worklist.store_result(case, predict_case(volume, load_worklist_model(workspace, model_spec)))
         stored = worklist.load_result(case)
-        return OpenedCase(case, volume, stored["labels"], stored["prediction"], stored["uncertainty"])
+        return OpenedCase(case, first_volume(volume), stored["labels"], stored["prediction"], stored["uncertainty"])
     finally:
         workspace.close()
 

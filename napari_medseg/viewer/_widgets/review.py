@@ -253,7 +253,7 @@ class ReviewWidget(DockPanel):
 
         case, volume = loaded.case, loaded.volume
         geometry = volume.geometry
-        data, kwargs, _ = volume_to_layer_data(volume, name=case.name, source_path=case.source)
+        data, kwargs, _ = volume_to_layer_data(volume, name=case.name, source_path=case.sources[0])
         names = {int(row["value"]): row["name"] for row in case.volumes}
         values = sorted({0, *names})
         label_kwargs = {
