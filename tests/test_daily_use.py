@@ -124,7 +124,8 @@ def test_explain_lists_the_cards_classes_and_the_networks_layers_for_gradcam(mak
     from napari_medseg.core.explain import default_layer
     from napari_medseg.core.models import load_model
 
-    assert widget._layer.value == default_layer(load_model(widget._model.value).network)
+    model = load_model(widget._model.value)
+    assert widget._layer.value == default_layer(model.network, model.card.network.architecture)
 
 
 def test_correct_knows_the_prediction_right_after_run(make_napari_viewer, qtbot, monkeypatch, tmp_path):

@@ -78,7 +78,7 @@ def test_gradcam_agrees_with_captum_on_one_window(registry, name, size):
     torch.manual_seed(1)
     x = torch.randn(1, 1, *size)
     x[..., size[0] // 4: 3 * size[0] // 4, size[1] // 4: 3 * size[1] // 4, :] += 2.0
-    layer = default_layer(network)
+    layer = default_layer(network, model.card.network.architecture)
     ours = GradCamPredictor(network, layer, 1, output=model.card.pipeline.output)(x)["gradcam"][0, 0]
     logits = lambda t: network(t, return_logits=True) if hasattr(network, "logits") else network(t)  # noqa: E731
     with torch.no_grad():

@@ -190,17 +190,6 @@ def build_bundle_network(network_def: dict, **_channels):
     return _Builder({"network_def": network_def}, "the model card").section("network_def")
 
 
-def _metadata(bundle: Path) -> dict:
-    path = bundle / "configs" / "metadata.json"
-    if not path.is_file():
-        raise BundleError(f"'{bundle.name}' has no configs/metadata.json (its channels and labels)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"cannot read configs/metadata.json: {exc}") from None
-    return data if isinstance(data, dict) else {}
-
-
 def _channel_names(definition: dict, count: int, fallback: str) -> list:
     names = {int(k): str(v) for k, v in (definition or {}).items() if str(k).isdigit()}
     return [names.get(i, f"{fallback} {i}") for i in range(count)]
@@ -250,7 +239,7 @@ def model_from_bundle(path, name: str | None = None, version: str | None = None,
     from .progress import report
 
     bundle = Path(path).expanduser()
-    config, metadata = read_config(bundle), _metadata(bundle)
+    config, metadata = read_config(bundle), read_config(bundle, "metadata.json")  # its channels and labels
     kept = prediction_config(config)
     if "inferer" not in kept or "preprocessing" not in kept:
         raise BundleError("inference.json needs a 'preprocessing' and an 'inferer' to predict")

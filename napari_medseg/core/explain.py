@@ -72,19 +72,25 @@ def layer_names(network: torch.nn.Module) -> list:
     return names
 
 
-def default_layer(network: torch.nn.Module) -> str:
-    """The last decoder block: semantic, and fine enough to localise. For the attention U-Net
-    the last of ``decoders``; for LinkNet3d ``tp_conv1``, the transposed-convolution block
-    that ends its decoder at full resolution (``conv`` and ``tp_conv2`` after it are the
-    classifier). Measured on the MNI152 head: 82 % of its Grad-CAM mass lies within 5 mm
-    of the predicted brain, against 65 % for ``up3`` (benchmarks/bench_explain.py)."""
-    if hasattr(network, "decoders"):
-        return f"decoders.{len(network.decoders) - 1}"
-    if hasattr(network, "tp_conv1"):
-        return "tp_conv1"
-    if hasattr(network, "folds"):  # an imported nnU-Net model: the first fold's last decoder stage
-        return f"folds.0.decoder.stages.{len(network.folds[0].decoder.stages) - 1}"
-    raise MedsegError(f"no default Grad-CAM layer for {type(network).__name__}; pass --layer")
+# The default Grad-CAM layer of each architecture a card may name.
+DEFAULT_LAYERS = {
+    "AttentionUNet3D": lambda network: f"decoders.{len(network.decoders) - 1}",
+    "LinkNet3d": lambda network: "tp_conv1",
+    # An imported nnU-Net model: the first fold's last decoder stage.
+    "NnUNetEnsemble": lambda network: f"folds.0.decoder.stages.{len(network.folds[0].decoder.stages) - 1}",
+}
+
+
+def default_layer(network: torch.nn.Module, architecture: str) -> str:
+    """The last decoder block of the card's ``architecture``: semantic, and fine enough to
+    localise. For the attention U-Net the last of ``decoders``; for LinkNet3d ``tp_conv1``,
+    the transposed-convolution block that ends its decoder at full resolution (``conv`` and
+    ``tp_conv2`` after it are the classifier). Measured on the MNI152 head: 82 % of its
+    Grad-CAM mass lies within 5 mm of the predicted brain, against 65 % for ``up3``
+    (benchmarks/bench_explain.py)."""
+    if architecture not in DEFAULT_LAYERS:
+        raise MedsegError(f"no default Grad-CAM layer for {architecture}; pass --layer")
+    return DEFAULT_LAYERS[architecture](network)
 
 
 def _module(network: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -280,7 +286,7 @@ def _explain(layer_array, affine, model, method, target, layer, channel, region,
         if len(chosen) == 1:
             maps = maps[0]
     elif method == "activation":
-        layer = layer or default_layer(model.network)
+        layer = layer or default_layer(model.network, model.card.network.architecture)
         predictor = _ActivationPredictor(model.network, layer, int(channel), **common)
         result = sliding_window(prepared.tensor, predictor, patch, settings, labels_from=None,
                                 keep=("activation",), progress=span(progress, 0.05, 0.85))
@@ -289,7 +295,7 @@ def _explain(layer_array, affine, model, method, target, layer, channel, region,
         names, limits = [f"{layer} channel {channel}"], (-high, high) if maps.min() < 0 else (0.0, high)
         info.update(layer=layer, channel=int(channel))
     else:  # gradcam
-        layer = layer or default_layer(model.network)
+        layer = layer or default_layer(model.network, model.card.network.architecture)
         value = _target_index(model, target)
         if region is None:
             stacked = prepared.tensor  # the region is each window's own prediction of the class

@@ -123,7 +123,7 @@ class ExplainWidget(DockPanel):
 
         network = build_network(card.network.architecture, card.network.hparams)
         gates = [n for n in layer_names(network) if n.startswith("gates.")]
-        default = default_layer(network)
+        default = default_layer(network, card.network.architecture)
         self._offered = {
             "methods": [m for m in METHODS if m in card.explain],
             "targets": [(name, value) for value, name in card.label_names.items() if value],
