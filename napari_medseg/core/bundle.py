@@ -372,8 +372,10 @@ def bundle_prediction(layer_array, layer_affine_ras, card, network, device, amp=
 
     sections = build_sections(card.pipeline.bundle, "the model card's bundle", network=False)
     preprocessing, inferer, postprocessing = sections["preprocessing"], sections["inferer"], sections["postprocessing"]
-    keys = [t for t in preprocessing.transforms if type(t).__name__ in LOADERS]
-    image_key = (list(getattr(keys[0], "keys", ())) or ["image"])[0] if keys else "image"
+    loaders = [t for t in preprocessing.transforms if type(t).__name__ in LOADERS]
+    image_key = (list(getattr(loaders[0], "keys", ())) or ["image"])[0] if loaders else "image"
+    # The scan is already read (from any format we read, DICOM included): only the loader goes.
+    # Invertd inverts this same Compose object, so the transforms stay the ones that ran.
     preprocessing.transforms = tuple(t for t in preprocessing.transforms if type(t).__name__ not in LOADERS)
     affine = torch.as_tensor(np.asarray(layer_affine_ras, dtype=np.float64))
     image = MetaTensor(torch.from_numpy(np.ascontiguousarray(layer_array, dtype=np.float32)), affine=affine,
