@@ -120,3 +120,24 @@ def test_any_axis_order_is_a_view_that_comes_back_and_crops_the_same(order):
     assert spacing_to_working((1.0, 2.0, 3.0), order) == tuple(float(letters[c] + 1) for c in order)
     region = (slice(1, 4), slice(-1, 3), slice(2, 9))
     assert np.array_equal(crop_working(layer, region, order, -5.0), crop(np.ascontiguousarray(working), region, -5.0))
+
+
+def test_spline_grids_come_back_in_slabs_when_only_the_plane_was_resampled():
+    """A 'spline' grid (an imported nnU-Net model) whose separate axis keeps its slices: the
+    slab-wise way back (our windows, no nnU-Net rounding) fits every slab, on a scan deeper than
+    one slab, and agrees with nnU-Net's whole-volume way back. A whole lung CT crashed here."""
+    from conftest import make_card
+
+    card = make_card(grid={"kind": "spacing", "spacing": [5.0, 2.0, 2.0], "interpolation": "spline",
+                           "order": 3, "order_z": 0, "back_order": 1, "back_order_z": 0},
+                     roi={"kind": "none"})
+    layer = np.random.default_rng(1).normal(size=(40, 30, 30)).astype(np.float32)
+    affine = np.array([[0, 0, -1.0, 0], [0, -1.0, 0, 0], [5.0, 0, 0, 0], [0, 0, 0, 1]])
+    prepared = prepare(layer, affine, card)
+    assert prepared.back_axis == 0 and prepared.model_shape == (40, 15, 15)
+    z = torch.linspace(-1, 1, 40).view(40, 1, 1).expand(40, 15, 15)
+    scores = torch.stack([torch.zeros_like(z), z])
+    fast = labels_to_scan(scores, prepared, slab=16)
+    exact = labels_to_scan(scores, prepared, dtype=torch.float32)
+    assert fast.shape == exact.shape == layer.shape
+    assert (fast == exact).mean() > 0.99 and set(np.unique(fast)) == {0, 1}

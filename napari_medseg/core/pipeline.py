@@ -625,7 +625,8 @@ def _spline_back_slabs(maps: torch.Tensor, prepared: PreparedScan, slab: int = 1
         if tuple(source.shape[2:]) != plane:
             source = F.interpolate(source, size=plane, mode="bilinear" if in_plane == 1 else "nearest-exact",
                                    **({"align_corners": False} if in_plane == 1 else {}))
-        part = _at_positions(source, c - lo, across) if (n_in != n_out) else source
+        # Without resampling across, the slab is its own slices (``source`` holds one more).
+        part = _at_positions(source, c - lo, across) if n_in != n_out else source[start - lo:stop - lo]
         yield axis, start, stop, part.transpose(0, 1)
 
 
