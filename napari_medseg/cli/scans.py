@@ -170,13 +170,12 @@ def cmd_predict(args) -> int:
                   list(args.input) + model_inputs(args.model))
     settings = inference_settings(args)
     model = load_model_of(args)
-    channels = model.card.channels
-    if len(args.input) != len(channels):
-        raise MedsegError(f"{model.title} takes {len(channels)} input image(s) ({', '.join(channels)}); "
-                          f"got {len(args.input)}")
+    mismatch = model.card.channel_mismatch(len(args.input))
+    if mismatch:  # before reading any of them
+        raise MedsegError(mismatch)
     read = [_read_scan(args, "segment", path) for path in args.input]
     volume = read[0][0]
-    scan = read[0][1] if len(read) == 1 else stack_channels([s for _v, s in read], channels)
+    scan = read[0][1] if len(read) == 1 else stack_channels([s for _v, s in read], model.card.channels)
     try:
         prediction = predict_scan(scan, model, settings, force=args.force,
                                   want_probabilities=args.probabilities is not None,

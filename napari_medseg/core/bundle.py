@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from .errors import MedsegError
+from .progress import report, span
 
 SECTIONS = {"network_def": "monai.networks.nets", "preprocessing": "monai.transforms",
             "inferer": "monai.inferers", "postprocessing": "monai.transforms"}
@@ -236,7 +237,6 @@ def model_from_bundle(path, name: str | None = None, version: str | None = None,
     from ``models/model.pt``, and the prediction sections kept in the card, to run through
     MONAI's own transforms and inferer."""
     from .card import FORMAT, default_color, parse_card
-    from .progress import report
 
     bundle = Path(path).expanduser()
     config, metadata = read_config(bundle), read_config(bundle, "metadata.json")  # its channels and labels
@@ -305,7 +305,6 @@ def model_from_bundle(path, name: str | None = None, version: str | None = None,
 
 def import_bundle(path, registry=None, name: str | None = None, version: str | None = None, progress=None):
     """Import a MONAI bundle into the model registry as a new, current version (float32 weights)."""
-    from .errors import MedsegError
     from .models import ModelRegistry
 
     registry = registry or ModelRegistry()
@@ -335,8 +334,6 @@ class _CountingPredictor:
         self.predictor, self.total, self.progress, self.done = predictor, max(total, 1), progress, 0
 
     def __call__(self, windows):
-        from .progress import report
-
         report(self.progress, self.done / self.total, f"window {min(self.done + 1, self.total)} of {self.total}")
         out = self.predictor.forward(windows.to(self.predictor.device, memory_format=self.predictor.memory_format))
         self.done += int(windows.shape[0])
@@ -368,7 +365,6 @@ def bundle_prediction(layer_array, layer_affine_ras, card, network, device, amp=
     from monai.transforms import AsDiscreted
 
     from .inference import NetworkPredictor
-    from .progress import report, span
 
     sections = build_sections(card.pipeline.bundle, "the model card's bundle", network=False)
     preprocessing, inferer, postprocessing = sections["preprocessing"], sections["inferer"], sections["postprocessing"]

@@ -344,6 +344,12 @@ class ModelCard:
     def modality(self) -> str:
         return self.domain.modality
 
+    def channel_mismatch(self, given: int) -> str | None:
+        """Why ``given`` input images do not fit this model, or None when they do."""
+        if given == len(self.channels):
+            return None
+        return f"{self.title} takes {len(self.channels)} input image(s) ({', '.join(self.channels)}); got {given}"
+
     def to_dict(self) -> dict:
         out = {
             "format": FORMAT, "format_version": FORMAT_VERSION,

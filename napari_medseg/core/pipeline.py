@@ -477,31 +477,28 @@ def _network_box(probability: torch.Tensor, region_shape: tuple, margin: float, 
 
 
 def prepare(layer_array, layer_affine_ras: np.ndarray, card: ModelCard,
-            roi_network: torch.nn.Module | None = None, device: torch.device | None = None,
-            region: tuple | None = None) -> PreparedScan:
+            roi_network: torch.nn.Module | None = None, device: torch.device | None = None) -> PreparedScan:
     """Bring a layer-order scan onto ``card``'s network grid (see the module's steps).
 
     A model with several input channels takes ``(C, D, H, W)``, every channel on one grid
     (see :func:`~.predict.stack_channels`): the first channel finds the region, and each
     channel is cropped, normalised with its own statistics and resampled the same way.
-    ``region``: a region found before (on the first channel), in working-order voxels.
     """
-    if np.ndim(layer_array) == 4:
-        channels = np.asarray(layer_array)
-        if channels.shape[0] != len(card.channels):
-            raise MedsegError(f"{card.title} takes {len(card.channels)} input image(s) ({', '.join(card.channels)}); "
-                              f"got {channels.shape[0]}")
-        first = _prepare_channel(channels[0], layer_affine_ras, card, roi_network, device)
-        rest = [_prepare_channel(c, layer_affine_ras, card, roi_network, device, first.region).tensor
-                for c in channels[1:]]
-        return replace(first, tensor=torch.stack([first.tensor, *rest]).contiguous())
-    if len(card.channels) > 1:
-        raise MedsegError(f"{card.title} takes {len(card.channels)} input image(s) ({', '.join(card.channels)}); "
-                          "got 1")
-    return _prepare_channel(layer_array, layer_affine_ras, card, roi_network, device, region)
+    channels = np.asarray(layer_array) if np.ndim(layer_array) == 4 else None
+    mismatch = card.channel_mismatch(len(channels) if channels is not None else 1)
+    if mismatch:
+        raise MedsegError(mismatch)
+    if channels is None:
+        return _prepare_channel(layer_array, layer_affine_ras, card, roi_network, device)
+    first = _prepare_channel(channels[0], layer_affine_ras, card, roi_network, device)
+    rest = [_prepare_channel(c, layer_affine_ras, card, roi_network, device, first.region).tensor
+            for c in channels[1:]]
+    return replace(first, tensor=torch.stack([first.tensor, *rest]).contiguous())
 
 
 def _prepare_channel(layer_array, layer_affine_ras, card, roi_network, device, region=None) -> PreparedScan:
+    """One channel onto the network grid; ``region`` (working-order voxels) is the first
+    channel's, when given, instead of one found on this channel."""
     if np.ndim(layer_array) != 3 or min(np.shape(layer_array)) < 2:
         raise MedsegError(f"segmentation needs a 3D scan; this one has shape {tuple(np.shape(layer_array))}")
     pipeline = card.pipeline

@@ -102,10 +102,9 @@ def predict_scan(scan: ScanImage, model, settings=None, *, force: bool = False, 
     if not isinstance(model, Model):
         report(progress, 0.0, "loading the model")
         model = load_model(model)
-    wanted, given = len(model.card.channels), (scan.data.shape[0] if scan.data.ndim == 4 else 1)
-    if wanted != given:
-        raise MedsegError(f"{model.title} takes {wanted} input image(s) ({', '.join(model.card.channels)}); "
-                          f"got {given}")
+    mismatch = model.card.channel_mismatch(scan.data.shape[0] if scan.data.ndim == 4 else 1)
+    if mismatch:
+        raise MedsegError(mismatch)
     problems = scope_problems(scan, model.card)
     if problems and not force:
         raise OutOfScope(problems)

@@ -353,8 +353,9 @@ class Worklist:
         added, known = [], []
         with self.workspace.store.transaction() as tx:
             for entry in found:
-                source = entry.source if entry.source.startswith("[") else \
-                    str(Path(entry.source).resolve()) if Path(entry.source).exists() else entry.source
+                source = entry.source  # a channel case's JSON list holds resolved paths already
+                if not source.startswith("[") and Path(source).exists():
+                    source = str(Path(source).resolve())
                 case_id = uuid.uuid4().hex[:16]
                 if tx.add_case(id=case_id, added=utc_timestamp(), name=entry.name, source=source,
                                series=entry.series, volume=entry.volume, date=entry.date,
@@ -491,10 +492,8 @@ def boundary_uncertainty(labels: np.ndarray, uncertainty: np.ndarray, width: int
 
 def predict_case(volume, model, settings=None, progress: Progress | None = None) -> CaseResult:
     """Labels, uncertainty and score of one scan, from one pass of the network."""
-    from .predict import ScanImage, predict_scan
+    from .predict import ScanImage, predict_scan, stack_channels
     from .privacy import scrub
-
-    from .predict import stack_channels
 
     scan = ScanImage.from_volume(volume) if not isinstance(volume, list) else \
         stack_channels([ScanImage.from_volume(v) for v in volume], getattr(getattr(model, "card", None), "channels", None))

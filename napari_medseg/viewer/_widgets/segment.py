@@ -107,18 +107,17 @@ class SegmentWidget(DockPanel):
         self._image.label = "Image" if len(names) == 1 else f"Image ({names[0]})"
         if len(names) == 1:
             return
-        position = list(self).index(self._image) + 1
-        for offset, name in enumerate(names, start=0):
-            box = self._image if offset == 0 else ComboBox(
-                label=f"Image ({name})", choices=self._image_layers,
-                tooltip=f"The image layer for the model's '{name}' input; a layer on another grid is resampled "
-                        "onto the first one's")
+        position = list(self).index(self._image)
+        for offset, name in enumerate(names[1:], start=1):
+            box = ComboBox(label=f"Image ({name})", choices=self._image_layers,
+                           tooltip=f"The image layer for the model's '{name}' input; a layer on another grid is "
+                                   "resampled onto the first one's")
+            self.insert(position + offset, box)
+            self._channel_boxes.append(box)
+        for box, name in zip(self.channel_layers_widgets(), names):
             match = next((layer for layer in self._image_layers() if name.lower() in layer.name.lower()), None)
             if match is not None:
                 box.value = match
-            if offset:
-                self.insert(position + offset - 1, box)
-                self._channel_boxes.append(box)
 
     def channel_layers_widgets(self) -> list:
         return [self._image, *self._channel_boxes]
