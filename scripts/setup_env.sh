@@ -72,3 +72,9 @@ echo "[setup] installing napari-medseg[$EXTRAS]"
 # Keep the torch installed above: a dependency (timm's torchvision) must not pull another build.
 TORCH_PIN="torch==$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
 pip_install -e ".[$EXTRAS]" "$TORCH_PIN"
+if [[ ",$EXTRAS," == *",testing,"* ]] && ! "$PY" -c "import totalsegmentator" 2>/dev/null; then
+  # TotalSegmentator's class tables, which the import reads as data. Its own dependencies
+  # (vtk, dipy, ...) are not needed for that, so it comes without them.
+  echo "[setup] installing totalsegmentator (its tables only, --no-deps)"
+  pip_install --no-deps "totalsegmentator==2.18.0"
+fi

@@ -83,8 +83,16 @@ def add_parsers(sub) -> None:
                     "plans.json and fold_*/checkpoint_*.pth), or the dataset folder above it. The network is "
                     "built from plans.json with nnU-Net's own network package; the checkpoints are read "
                     "without running pickled code; the card declares nnU-Net's pipeline, so that predictions "
-                    "reproduce nnUNetv2_predict's. The model becomes the current version of its name.")
-    nnunet.add_argument("folder", metavar="DIR", help="the trained configuration folder, or its dataset folder")
+                    "reproduce nnUNetv2_predict's. The model becomes the current version of its name. "
+                    "TotalSegmentator's folders (~/.totalsegmentator/nnunet/results, or one dataset in it) "
+                    "import as its task, with the class names and licence its package gives (install it with "
+                    "'pip install --no-deps totalsegmentator'); a task split over several datasets, such as "
+                    "'total' (291-295), becomes one model whose parts' labels merge.")
+    nnunet.add_argument("folder", metavar="DIR", help="the trained configuration folder, or its dataset folder, "
+                                                      "or TotalSegmentator's results folder")
+    nnunet.add_argument("--task", default=None, metavar="TASK",
+                        help="the TotalSegmentator task to import from DIR, such as total or total_fast "
+                             "(needed when DIR holds several)")
     nnunet.add_argument("--folds", nargs="+", default=None, metavar="F",
                         help="folds to average, such as 0 1 (all: the folder's fold_all); "
                              "default: every numbered fold present, as nnUNetv2_predict does")
@@ -198,9 +206,10 @@ def cmd_import_nnunet(args) -> int:
     from ..core.nnunet import import_nnunet
 
     entry = import_nnunet(args.folder, folds=args.folds, checkpoint=args.checkpoint, name=args.name,
-                          version=args.version, progress=stderr_progress("import"))
+                          version=args.version, progress=stderr_progress("import"), task=args.task)
     card = entry.card
-    print(f"imported {card.title}: {len(card.provenance.get('folds', []))} fold(s), {card.n_classes - 1} "
+    parts = f" in {len(card.pipeline.parts)} parts" if card.pipeline.parts else ""
+    print(f"imported {card.title}{parts}: {len(card.provenance.get('folds', []))} fold(s), {card.n_classes - 1} "
           f"classes ({', '.join(label.name for label in card.labels[1:6])}"
           f"{', ...' if card.n_classes > 6 else ''}), {card.modality}, into {entry.path.parent.name}/")
     return 0

@@ -284,9 +284,13 @@ class Pipeline:
     normalise_first: bool = False       # normalise before resampling (nnU-Net's order)
     kind: str = "ours"
     bundle: dict | None = None          # a bundle's prediction sections, rebuilt through the allow-list
+    # A model in parts (TotalSegmentator's split tasks): per part, (its class, the merged label) pairs.
+    parts: tuple = ()
 
     def to_dict(self) -> dict:
         extra = {"kind": self.kind, "bundle": copy.deepcopy(self.bundle)} if self.kind != "ours" else {}
+        if self.parts:
+            extra["parts"] = [[list(pair) for pair in table] for table in self.parts]
         return {**extra, "axis_order": self.axis_order, "roi": self.roi.to_dict(), "grid": self.grid.to_dict(),
                 "normalisation": self.normalisation.to_dict(), "patch_size": list(self.patch_size),
                 "output": self.output, "threshold": self.threshold,
@@ -506,6 +510,7 @@ def _pipeline(raw, where: str) -> Pipeline:
     bundle = raw.get("bundle") if kind == "monai_bundle" else None
     if kind == "monai_bundle" and not (isinstance(bundle, dict) and "preprocessing" in bundle and "inferer" in bundle):
         raise ModelError(f"'{where}': a MONAI bundle's pipeline needs its preprocessing and inferer")
+    parts = _parts(raw.get("parts") or (), where)
     axis_order = raw.get("axis_order", "SPL")
     if axis_order_error(axis_order):
         raise ModelError(f"'{where}': {axis_order_error(axis_order)}")
@@ -516,8 +521,20 @@ def _pipeline(raw, where: str) -> Pipeline:
         output=_choice(raw.get("output", "logits"), OUTPUTS, "the network output", where),
         threshold=None if threshold is None else float(threshold),
         postprocessing=post, windows=windows, normalise_first=bool(raw.get("normalise_first", False)),
-        kind=kind, bundle=bundle,
+        kind=kind, bundle=bundle, parts=parts,
     )
+
+
+def _parts(raw, where: str) -> tuple:
+    """Each part's class-to-label table; a part's classes run 0..N-1, its background first."""
+    try:
+        parts = tuple(tuple((int(a), int(b)) for a, b in table) for table in raw)
+    except (TypeError, ValueError):
+        raise ModelError(f"'{where}': the pipeline's parts must list [class, label] pairs") from None
+    for index, table in enumerate(parts):
+        if [a for a, _ in table] != list(range(len(table))) or (table and table[0][1] != 0):
+            raise ModelError(f"'{where}': part {index + 1}'s classes must run 0..N-1 with background 0 first")
+    return parts
 
 
 def parse_card(data, where: str) -> ModelCard:
@@ -545,6 +562,14 @@ def parse_card(data, where: str) -> ModelCard:
         raise ModelError(f"'{where}': the network takes {network.hparams.get('in_channels')} input channels "
                          f"but the card names {len(channels)} ({', '.join(channels)})")
     pipeline = _pipeline(data["pipeline"], where)
+    if pipeline.parts:
+        part_specs = network.hparams.get("parts") or []
+        values = {label.value for label in labels}
+        if len(part_specs) != len(pipeline.parts) or any(
+                int(spec.get("out_channels", -1)) != len(table) for spec, table in zip(part_specs, pipeline.parts)):
+            raise ModelError(f"'{where}': the network's parts do not match the pipeline's parts")
+        if any(label not in values for table in pipeline.parts for _, label in table):
+            raise ModelError(f"'{where}': a part maps a class onto a label the card does not name")
     roi_network = NetworkSpec.parse(data["roi_network"], where, "first-stage network") \
         if data.get("roi_network") else None
     if pipeline.roi.kind == "network" and roi_network is None:

@@ -601,8 +601,31 @@ def segment(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, settin
     if card.pipeline.kind == "monai_bundle":
         return _segment_with_bundle(layer_array, layer_affine_ras, model, settings, want_probabilities,
                                     want_uncertainty, progress)
+    if card.pipeline.parts and want_probabilities:
+        raise MedsegError(f"{model.title} runs in {len(card.pipeline.parts)} parts; it gives labels and "
+                          "uncertainty, not one probability map per class")
     report(progress, 0.0, "preparing the scan")
     prepared = prepare(layer_array, layer_affine_ras, card, model.roi_network, pick_device(settings.device))
+    if card.pipeline.parts:
+        labels, probabilities, uncertainty, run_info = _parts_onto_scan(prepared, model, settings, want_probabilities,
+                                                                        want_uncertainty, progress)
+    else:
+        labels, probabilities, uncertainty, run_info = _onto_scan(prepared, model, settings, want_probabilities,
+                                                                  want_uncertainty, span(progress, 0.05, 0.9))
+    raw_labels = labels.copy() if apply_postprocessing and card.pipeline.postprocessing else labels
+    first_channel = layer_array[0] if np.ndim(layer_array) == 4 else layer_array
+    if apply_postprocessing and card.pipeline.postprocessing:
+        postprocess(labels, first_channel, card.pipeline.postprocessing)
+    info = dict(run_info, model_shape=list(prepared.model_shape), scan_shape=list(prepared.layer_shape),
+                region=prepared.info.get("region"), postprocessed=bool(apply_postprocessing),
+                first_stage_seconds=prepared.info.get("first_stage_seconds", 0.0))
+    return _finished(labels, raw_labels, probabilities, uncertainty, info, first_channel, layer_affine_ras, model,
+                     progress)
+
+
+def _onto_scan(prepared, model, settings, want_probabilities, want_uncertainty, progress):
+    """One network's windows over a prepared scan, and the labels (and maps) back on the scan grid."""
+    card = model.card
     output = card.pipeline.output
     # Labels come from linearly resampled scores when the grid differs and the scores fit
     # in memory; otherwise they are streamed on the network grid and placed by nearest voxel.
@@ -612,12 +635,12 @@ def segment(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, settin
     keep = (output,) if (smooth or want_probabilities or want_uncertainty) else ()
     if card.pipeline.windows.blend_folds_apart and settings.step is not None \
             and int(card.network.hparams.get("folds", 1)) > 1:
-        result = folds_blended_apart(prepared.tensor, model, settings, span(progress, 0.05, 0.85))
+        result = folds_blended_apart(prepared.tensor, model, settings, span(progress, 0.0, 0.95))
     else:
         result = sliding_window(prepared.tensor, predictor_for(model, settings), card.pipeline.patch_size, settings,
                                 labels_from=output, threshold=card.pipeline.threshold, keep=keep,
-                                progress=span(progress, 0.05, 0.85))
-    report(progress, 0.9, "mapping the result onto the scan grid")
+                                progress=span(progress, 0.0, 0.95))
+    report(progress, 0.95, "mapping the result onto the scan grid")
     scores = result.maps.pop(output, None)
     probabilities = uncertainty = None
     if want_uncertainty:
@@ -639,15 +662,35 @@ def segment(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, settin
             labels = labels_to_scan(scores[1:] if binary else scores, prepared, card.pipeline.threshold)
         else:
             labels = labels_to_scan_nearest(result.labels, prepared)
-    raw_labels = labels.copy() if apply_postprocessing and card.pipeline.postprocessing else labels
-    first_channel = layer_array[0] if np.ndim(layer_array) == 4 else layer_array
-    if apply_postprocessing and card.pipeline.postprocessing:
-        postprocess(labels, first_channel, card.pipeline.postprocessing)
-    info = dict(result.info, model_shape=list(prepared.model_shape), scan_shape=list(prepared.layer_shape),
-                region=prepared.info.get("region"), postprocessed=bool(apply_postprocessing),
-                first_stage_seconds=prepared.info.get("first_stage_seconds", 0.0))
-    return _finished(labels, raw_labels, probabilities, uncertainty, info, first_channel, layer_affine_ras, model,
-                     progress)
+    return labels, probabilities, uncertainty, result.info
+
+
+def _parts_onto_scan(prepared, model, settings, want_probabilities, want_uncertainty, progress):
+    """A model in parts: each part on the same prepared scan in turn, its classes mapped onto the
+    merged labels, a later part's labels written over an earlier one's, as TotalSegmentator merges them.
+    The uncertainty is the highest of the parts' entropies."""
+    from .nnunet import part_models
+
+    parts = part_models(model)
+    labels = uncertainty = None
+    info = {"windows": 0, "seconds": 0.0, "parts": len(parts)}
+    for index, (part, table) in enumerate(zip(parts, model.card.pipeline.parts)):
+        report(progress, 0.05 + 0.85 * index / len(parts), f"part {index + 1} of {len(parts)}")
+        part_labels, _, part_uncertainty, part_info = _onto_scan(
+            prepared, part, settings, False, want_uncertainty,
+            span(progress, 0.05 + 0.85 * index / len(parts), 0.05 + 0.85 * (index + 1) / len(parts)))
+        lookup = np.zeros(len(table), dtype=np.uint16)
+        for part_value, merged in table:
+            lookup[part_value] = merged
+        mapped = lookup[part_labels]
+        if labels is None:
+            labels = np.zeros(mapped.shape, dtype=np.uint8 if model.card.n_classes <= 256 else np.uint16)
+        np.copyto(labels, mapped.astype(labels.dtype, copy=False), where=mapped != 0)
+        if part_uncertainty is not None:
+            uncertainty = part_uncertainty if uncertainty is None else np.maximum(uncertainty, part_uncertainty)
+        info = dict(part_info, windows=info["windows"] + part_info.get("windows", 0),
+                    seconds=info["seconds"] + part_info.get("seconds", 0.0), parts=len(parts))
+    return labels, None, uncertainty, info
 
 
 def _finished(labels, raw_labels, probabilities, uncertainty, info, layer_array, layer_affine_ras, model,

@@ -230,6 +230,9 @@ def load_model(path: str | os.PathLike, for_training: bool = False) -> Model:
     if for_training and card.pipeline.kind == "monai_bundle":
         raise ModelError(f"{card.title} runs through its MONAI bundle's own transforms, which serve prediction "
                          "only; fine-tuning it is not offered")
+    if for_training and card.pipeline.parts:
+        raise ModelError(f"{card.title} runs as {len(card.pipeline.parts)} separate networks whose labels are "
+                         "merged; fine-tuning such a model is not offered")
     network, roi_network = networks_from_state(state, card, Path(path).name)
     for module in filter(None, (network, roi_network)):
         module.eval()

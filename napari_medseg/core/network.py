@@ -335,6 +335,10 @@ def build_network(architecture: str, hparams: dict) -> nn.Module:
         from .nnunet import NnUNetEnsemble
 
         return NnUNetEnsemble(**hparams)
+    if architecture == "NnUNetParts":  # a task split over several nnU-Net models (TotalSegmentator)
+        from .nnunet import NnUNetParts
+
+        return NnUNetParts(**hparams)
     if architecture == "MonaiBundleNetwork":  # an imported MONAI bundle (see .bundle)
         from .bundle import build_bundle_network
 

@@ -271,6 +271,53 @@ class NnUNetEnsemble(torch.nn.Module):
         return out / len(self.folds) if len(self.folds) > 1 else out
 
 
+class NnUNetParts(torch.nn.Module):
+    """A task split over several nnU-Net models (TotalSegmentator's ``total``: five datasets).
+
+    Each part is an :class:`NnUNetEnsemble` with its own classes. The parts run in turn on
+    one prepared input, and the card's ``pipeline.parts`` maps each part's classes onto the
+    merged labels (see :func:`part_models`); there is no single forward pass.
+    """
+
+    def __init__(self, parts: list, in_channels: int, out_channels: int):
+        super().__init__()
+        self.hparams = {"parts": [dict(part) for part in parts], "in_channels": int(in_channels),
+                        "out_channels": int(out_channels)}
+        self.parts = torch.nn.ModuleList(NnUNetEnsemble(**part) for part in parts)
+
+    @classmethod
+    def of(cls, ensembles: list, out_channels: int) -> "NnUNetParts":
+        """The parts from ensembles already read (their weights kept, not copied)."""
+        model = cls([], int(ensembles[0].hparams["in_channels"]), out_channels)
+        model.hparams["parts"] = [dict(e.hparams) for e in ensembles]
+        model.parts = torch.nn.ModuleList(ensembles)
+        return model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise MedsegError("a model in parts runs one part at a time (see napari_medseg.core.nnunet.part_models)")
+
+
+def part_models(model) -> list:
+    """A model in parts as one :class:`~.models.Model` per part: its network, and a card with the
+    part's classes (named by the merged labels they map onto) and the shared pipeline."""
+    import dataclasses
+
+    from .card import Label, NetworkSpec
+    from .models import Model
+
+    card = model.card
+    merged_labels = {label.value: label for label in card.labels}
+    out = []
+    for network, table in zip(model.network.parts, card.pipeline.parts):
+        labels = tuple(Label(value=part_value, name=merged_labels[merged].name, color=merged_labels[merged].color)
+                       for part_value, merged in table)
+        part_card = dataclasses.replace(
+            card, labels=labels, network=NetworkSpec("NnUNetEnsemble", dict(network.hparams)),
+            pipeline=dataclasses.replace(card.pipeline, parts=()))
+        out.append(Model(network, part_card, model.path, model.roi_network))
+    return out
+
+
 # -- the import ------------------------------------------------------------------------------
 
 RESAMPLING_FUNCTIONS = {"resample_data_or_seg_to_shape"}
@@ -300,17 +347,44 @@ def _resampling(configuration: dict, which: str) -> dict:
     return dict(configuration.get(f"resampling_fn_{which}_kwargs") or {})
 
 
-def model_from_results_folder(path, folds=None, checkpoint: str = "final", name: str | None = None,
-                              version: str | None = None, read_order: str = NNUNET_READ_ORDER,
-                              progress: Progress | None = None):
-    """``(network, card)`` for a trained nnU-Net configuration: its folds as one
-    :class:`NnUNetEnsemble` and a card that declares nnU-Net's pipeline.
+@dataclass
+class TrainedConfiguration:
+    """One trained configuration read for inference: its folds as one network, and its pipeline."""
+
+    results: ResultsFolder
+    network: NnUNetEnsemble
+    pipeline: dict
+    label_names: dict
+    folds: list
+    checkpoint: str
+
+    @property
+    def dataset_name(self) -> str:
+        return str(self.results.plans.get("dataset_name") or self.results.folder.parent.name)
+
+    @property
+    def configuration(self) -> str:
+        return self.results.configuration
+
+    def provenance(self) -> dict:
+        trainer, plans_name, _ = self.results.folder.name.split("__")
+        return {"source": f"nnU-Net v2 results folder {self.dataset_name}/{self.results.folder.name}",
+                "weights": "float32", "kind": "nnunet", "trainer": trainer, "plans": plans_name,
+                "configuration": self.configuration, "folds": self.folds,
+                "checkpoint": f"checkpoint_{self.checkpoint}.pth",
+                "training_data": str(self.results.dataset.get("reference") or self.results.dataset.get("name") or
+                                     self.dataset_name)}
+
+
+def read_configuration(path, folds=None, checkpoint: str = "final", read_order: str = NNUNET_READ_ORDER,
+                       progress: Progress | None = None) -> TrainedConfiguration:
+    """A trained nnU-Net configuration's folds (weights loaded) and the pipeline that reproduces nnU-Net's.
 
     ``folds``: fold names (``["0", "1"]``, ``["all"]`` for ``fold_all``); None takes every
     numbered fold present, as ``nnUNetv2_predict`` does. ``read_order``: the voxel order the
     model was trained on, before the plans' transpose.
     """
-    results = find_results_folder(path)
+    results = path if isinstance(path, ResultsFolder) else find_results_folder(path)
     if checkpoint not in ("final", "best"):
         raise MedsegError(f"--checkpoint must be final or best, got {checkpoint!r}")
     chosen = [str(f) for f in folds] if folds else [f for f in results.folds if f != "all"]
@@ -343,7 +417,7 @@ def model_from_results_folder(path, folds=None, checkpoint: str = "final", name:
                              folds=len(chosen))
     mirror_axes = None
     for index, fold in enumerate(chosen):
-        report(progress, index / len(chosen), f"reading fold {fold}")
+        report(progress, index / len(chosen), f"reading fold {fold} of {results.folder.parent.name}")
         read = read_checkpoint(results.checkpoint(fold, checkpoint))
         try:
             network.folds[index].load_state_dict(read.weights)
@@ -351,60 +425,78 @@ def model_from_results_folder(path, folds=None, checkpoint: str = "final", name:
             raise MedsegError(f"fold {fold}'s weights do not fit the network in plans.json "
                               f"({str(exc).splitlines()[0][:160]})") from None
         mirror_axes = read.mirroring_axes if index == 0 else mirror_axes
-    dataset_name = str(plans.get("dataset_name") or results.folder.parent.name)
-    trainer, plans_name, _ = results.folder.name.split("__")
-    schemes = list(configuration.get("normalization_schemes") or [])
-    separate_z = data_kwargs.get("force_separate_z")
+    pipeline = {
+        "axis_order": "".join(read_order[a] for a in transpose),
+        "roi": {"kind": "nonzero"},
+        "grid": {"kind": "spacing", "spacing": [float(v) for v in configuration["spacing"]],
+                 "interpolation": "spline", "order": int(data_kwargs.get("order", 3)),
+                 "order_z": int(data_kwargs.get("order_z", 0)),
+                 "back_order": int(back_kwargs.get("order", 1)), "back_order_z": int(back_kwargs.get("order_z", 0)),
+                 "separate_z": data_kwargs.get("force_separate_z"), "anisotropy_threshold": ANISOTROPY_THRESHOLD},
+        "normalisation": normalisations[0].to_dict(),
+        "normalise_first": True,
+        "patch_size": patch,
+        "output": "logits",
+        "windows": {"plan": "step", "step": 0.5, "pad_value": 0.0,
+                    "mirror_axes": list(mirror_axes or ()), "mirror_by_default": bool(mirror_axes),
+                    "blend_dtype": "float16", "blend_folds_apart": True},
+    }
+    return TrainedConfiguration(results, network, pipeline, label_names, chosen, checkpoint)
+
+
+def configuration_card(trained: TrainedConfiguration, name: str | None = None, version: str | None = None,
+                       **overrides):
+    """The card of one trained configuration; ``overrides`` replace its top-level entries."""
+    results = trained.results
+    schemes = list(results.plans["configurations"][trained.configuration].get("normalization_schemes") or [])
     licence = results.dataset.get("licence") or results.dataset.get("license")
-    card = parse_card({
+    raw = {
         "format": FORMAT, "format_version": 2,
-        "name": name or f"{dataset_name}-{configuration_name}".replace(" ", "_"),
+        "name": name or f"{trained.dataset_name}-{trained.configuration}".replace(" ", "_"),
         "version": version or "1.0.0",
-        "network": {"architecture": "NnUNetEnsemble", "hparams": network.hparams},
-        "labels": [{"value": v, "name": n, "color": default_color(v)} for v, n in label_names.items()],
-        "domain": {"modality": modality_of(channels, schemes), "contrast": None, "body_part": None,
+        "network": {"architecture": "NnUNetEnsemble", "hparams": trained.network.hparams},
+        "labels": [{"value": v, "name": n, "color": default_color(v)} for v, n in trained.label_names.items()],
+        "domain": {"modality": modality_of(results.channel_names, schemes), "contrast": None, "body_part": None,
                    "description": str(results.dataset.get("description") or
-                                      f"nnU-Net v2 model {dataset_name} ({configuration_name})")},
-        "channels": channels,
-        "pipeline": {
-            "axis_order": "".join(read_order[a] for a in transpose),
-            "roi": {"kind": "nonzero"},
-            "grid": {"kind": "spacing", "spacing": [float(v) for v in configuration["spacing"]],
-                     "interpolation": "spline", "order": int(data_kwargs.get("order", 3)),
-                     "order_z": int(data_kwargs.get("order_z", 0)),
-                     "back_order": int(back_kwargs.get("order", 1)), "back_order_z": int(back_kwargs.get("order_z", 0)),
-                     "separate_z": separate_z, "anisotropy_threshold": ANISOTROPY_THRESHOLD},
-            "normalisation": normalisations[0].to_dict(),
-            "normalise_first": True,
-            "patch_size": patch,
-            "output": "logits",
-            "windows": {"plan": "step", "step": 0.5, "pad_value": 0.0,
-                        "mirror_axes": list(mirror_axes or ()), "mirror_by_default": bool(mirror_axes),
-                        "blend_dtype": "float16", "blend_folds_apart": True},
-        },
+                                      f"nnU-Net v2 model {trained.dataset_name} ({trained.configuration})")},
+        "channels": results.channel_names,
+        "pipeline": trained.pipeline,
         "explain": explain_methods_for("NnUNetEnsemble"),
-        "provenance": {"source": f"nnU-Net v2 results folder {dataset_name}/{results.folder.name}",
-                       "weights": "float32",
-                       "kind": "nnunet", "trainer": trainer, "plans": plans_name, "configuration": configuration_name,
-                       "folds": chosen, "checkpoint": f"checkpoint_{checkpoint}.pth",
-                       "training_data": str(results.dataset.get("reference") or results.dataset.get("name") or
-                                            dataset_name)},
+        "provenance": trained.provenance(),
         "licence": str(licence) if licence else "not stated in dataset.json; ask whoever trained the model",
-    }, results.folder.name)
-    report(progress, 1.0, f"read {len(chosen)} fold(s)")
-    return network, card
+        **overrides,
+    }
+    return parse_card(raw, results.folder.name)
+
+
+def model_from_results_folder(path, folds=None, checkpoint: str = "final", name: str | None = None,
+                              version: str | None = None, read_order: str = NNUNET_READ_ORDER,
+                              progress: Progress | None = None):
+    """``(network, card)`` for a trained nnU-Net configuration: its folds as one
+    :class:`NnUNetEnsemble` and a card that declares nnU-Net's pipeline (see :func:`read_configuration`).
+    """
+    trained = read_configuration(path, folds, checkpoint, read_order, progress)
+    card = configuration_card(trained, name, version)
+    report(progress, 1.0, f"read {len(trained.folds)} fold(s)")
+    return trained.network, card
 
 
 def import_nnunet(path, registry=None, folds=None, checkpoint: str = "final", name: str | None = None,
-                  version: str | None = None, progress: Progress | None = None):
+                  version: str | None = None, progress: Progress | None = None, task: str | None = None):
     """Import an nnU-Net results folder into the model registry as a new, current version.
 
-    The weights are kept in float32, as nnU-Net runs them. Returns the registry entry.
+    TotalSegmentator's folders (or any folder with ``task``) import as its task, with its
+    class names (see :mod:`.totalseg`). The weights are kept in float32, as nnU-Net runs
+    them. Returns the registry entry.
     """
     from .models import ModelRegistry
+    from .totalseg import looks_like_totalsegmentator, model_from_totalsegmentator
 
     registry = registry or ModelRegistry()
-    network, card = model_from_results_folder(path, folds, checkpoint, name, version, progress=progress)
+    if task is not None or looks_like_totalsegmentator(Path(path)):
+        network, card = model_from_totalsegmentator(path, task, folds, checkpoint, name, version, progress=progress)
+    else:
+        network, card = model_from_results_folder(path, folds, checkpoint, name, version, progress=progress)
     if any(entry.name == card.name and entry.version == card.version for entry in registry.entries()):
         raise MedsegError(f"{card.title} is already installed; pass --version (or --name) to import another copy")
     return registry.add_version(network, card, make_current=True)
