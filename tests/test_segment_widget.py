@@ -11,6 +11,7 @@ from napari.layers import Labels
 from napari.utils.notifications import notification_manager
 from qtpy.QtCore import QTimer
 
+from napari_medseg.viewer._layers import medseg_meta, update_medseg_meta
 from napari_medseg.viewer._reader import napari_get_reader
 from napari_medseg.viewer._sample import sample_path
 from napari_medseg.viewer._widgets.segment import SegmentWidget
@@ -140,7 +141,11 @@ def test_a_three_class_imported_model_gives_named_coloured_sortable_volumes_and_
     entry = import_nnunet(genuine["folder"], folds=["0"], name="lung-ct")
     viewer = make_napari_viewer()
     for data, kwargs, kind in napari_get_reader(str(genuine["held_out"]))(str(genuine["held_out"])):
-        getattr(viewer, f"add_{kind}")(data, **kwargs)
+        image = getattr(viewer, f"add_{kind}")(data, **kwargs)
+    # A scan whose modality is not known opens in an intensity window; the CT model's card
+    # then calls for the CT soft-tissue window (W 400, L 50).
+    update_medseg_meta(image, modality="unknown", window_preset=None)
+    image.contrast_limits = (float(image.data.min()), float(image.data.max()))
     widget = SegmentWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Segment")
     widget._model.value = str(entry.path)
@@ -148,6 +153,8 @@ def test_a_three_class_imported_model_gives_named_coloured_sortable_volumes_and_
     task = widget.run()
     wait_for(qtbot, widget, timeout=120000)
     assert task.error is None, task.error
+    assert tuple(image.contrast_limits) == (-150.0, 250.0)
+    assert medseg_meta(image)["window_from_model"] == "lung-ct v1.0.0"
     layer = widget.last_layer
     assert isinstance(layer, Labels) and set(np.unique(layer.data)) == {0, 1, 2}
     assert list(layer.features["name"]) == ["background", "body", "bone"]

@@ -49,3 +49,26 @@ def preset_limits(name: str, data: np.ndarray | None = None) -> tuple[float, flo
 
 def default_preset(modality: str) -> str:
     return "CT soft tissue" if modality.upper().startswith("CT") else MR_AUTO
+
+
+# Words in label names that pick a CT model's reading window (checked in this order).
+_LUNG_WORDS = ("lung", "airway", "trachea", "bronch", "nodule")
+_BONE_WORDS = ("bone", "vertebra", "rib", "skull", "femur", "humerus", "pelvis", "sacrum", "spine", "clavicula",
+               "scapula", "sternum", "hip", "costal")
+_BRAIN_WORDS = ("brain", "hemorrhage", "haemorrhage", "bleed", "ventricle")
+
+
+def preset_for_model(modality: str, label_names) -> str | None:
+    """The window a CT model's result is read in, from the card: lung labels in the lung
+    window, bone labels alone in the bone window, brain labels in the brain window, other
+    CT models in the soft-tissue window. None for models that are not CT models."""
+    if not str(modality).upper().startswith("CT"):
+        return None
+    names = [str(n).lower() for v, n in dict(label_names).items() if int(v) != 0]
+    if any(word in name for name in names for word in _LUNG_WORDS) and len(names) <= 8:
+        return "CT lung"
+    if names and all(any(word in name for word in _BONE_WORDS) for name in names):
+        return "CT bone"
+    if names and all(any(word in name for word in _BRAIN_WORDS) for name in names):
+        return "CT brain"
+    return "CT soft tissue"

@@ -619,7 +619,9 @@ class ReadingLayout(QWidget):
         image = scan_image(self.viewer)
         if image is None:
             return None
-        is_ct = str(medseg_meta(image).get("modality", "")).upper().startswith("CT")
+        meta = medseg_meta(image)
+        # A CT model's result sets a CT window on a scan whose modality is unknown (see Segment).
+        is_ct = str(meta.get("modality", "")).upper().startswith("CT") or meta.get("window_preset") in CT_PRESETS
         names = list(CT_PRESETS) + [MR_AUTO] if is_ct else [MR_AUTO] + list(CT_PRESETS)
         names = [n for n in names if n in PRESET_NAMES]
         self._presets_index = (self._presets_index + direction) % len(names)

@@ -19,7 +19,7 @@ from napari.layers import Image
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from ._panel import DockPanel
-from .._layers import make_metadata, medseg_meta, remember_prediction, scan_image_of
+from .._layers import make_metadata, medseg_meta, remember_prediction, scan_image_of, update_medseg_meta
 from .._worker import BackgroundTask
 from .._workspace import workspace_events
 from ._models import model_choices_of, select_default_model
@@ -29,6 +29,7 @@ from ...core.errors import MedsegError
 from ...core.inference import InferenceSettings
 from ...core.models import ModelRegistry, peek_card
 from ...core.predict import predict_scan, scope_problems, stack_channels
+from ...core.windowing import preset_for_model, preset_limits
 from .._dialogs import ask
 
 MODEL_FILTER = "Models (*.safetensors *.pt *.pth)"
@@ -226,8 +227,25 @@ class SegmentWidget(DockPanel):
     def result_layer_name(self, image_layer, model) -> str:
         return f"{image_layer.name} {model.name}"
 
+    @staticmethod
+    def window_for_model(image_layer, card) -> str | None:
+        """Show the scan in the CT window the model's card calls for, unless that window, or
+        one the card chose before, is already set. Returns the preset applied."""
+        preset = preset_for_model(card.modality, card.label_names)
+        meta = medseg_meta(image_layer)
+        if preset is None or meta.get("window_preset") == preset or meta.get("window_from_model"):
+            return None
+        low, high = preset_limits(preset)
+        range_low, range_high = image_layer.contrast_limits_range
+        image_layer.contrast_limits_range = (min(range_low, low), max(range_high, high))
+        image_layer.contrast_limits = (low, high)
+        update_medseg_meta(image_layer, window_preset=preset, window_from_model=card.title)
+        show_info(f"napari-medseg: {image_layer.name} is shown in the {preset} window, as {card.title} reads CT")
+        return preset
+
     def _show_result(self, image_layer, geometry, prediction) -> None:
         model, result = prediction.model, prediction.segmentation
+        self.window_for_model(image_layer, model.card)
         name = self.result_layer_name(image_layer, model)
         names = result.label_names
         values = sorted(names)
