@@ -232,3 +232,38 @@ def test_an_imported_bundle_says_what_it_does_not_offer(spleen):
     volume = read_volume(spleen["scan"])
     with pytest.raises(MedsegError, match=r"does not offer gradcam maps \(it offers: none\)"):
         explain(volume.layer_data(), volume.geometry.layer_affine_ras, registry.load("spleen-offers"), "gradcam")
+
+
+def test_a_torchscript_only_bundle_predicts_with_its_tensors_in_the_allow_listed_network(spleen, tmp_path):
+    """models/model.ts (the zoo's TorchScript export) without model.pt: its weights are read
+    into the network that network_def names, and the prediction is MONAI's runner's."""
+    import warnings
+
+    import SimpleITK as sitk
+
+    from napari_medseg.core.bundle import build_sections
+
+    folder = tmp_path / "bundle"
+    shutil.copytree(spleen["bundle"], folder)
+    network = build_sections(read_config(folder))["network_def"].eval()
+    network.load_state_dict(torch.load(folder / "models" / "model.pt", weights_only=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(network), str(folder / "models" / "model.ts"))
+    (folder / "models" / "model.pt").unlink()
+    imported = cli("models", "import-bundle", folder, "--name", "spleen-ts")
+    assert imported.returncode == 0, imported.stderr
+    done = cli("predict", spleen["scan"], "-o", tmp_path / "ours.nii.gz", "--model", "spleen-ts")
+    assert done.returncode == 0, done.stderr
+    ours, theirs = (sitk.GetArrayFromImage(sitk.ReadImage(str(p))).astype(int)
+                    for p in (tmp_path / "ours.nii.gz", spleen["theirs"]))
+    assert min(_dice(ours == c, theirs == c) for c in (0, 1)) >= 0.99
+    card = json.loads(cli("models", "show", "spleen-ts", "--json").stdout)
+    assert card["provenance"]["weights_file"] == "models/model.ts" and card["explain"] == []
+
+    config = read_config(folder)
+    del config["network_def"]
+    (folder / "configs" / "inference.json").write_text(json.dumps(config))
+    refused = cli("models", "import-bundle", folder, "--name", "spleen-ts2")
+    assert refused.returncode != 0
+    assert "has no network_def" in refused.stderr.strip().splitlines()[-1]

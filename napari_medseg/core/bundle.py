@@ -204,15 +204,15 @@ def _first(transforms, names: set) -> dict | None:
 
 
 def read_weights(bundle: Path) -> dict:
-    """``models/model.pt``: a state dict (or ``{"model": state dict}``), read with ``weights_only=True``."""
+    """``models/model.pt``: a state dict (or ``{"model": state dict}``), read with ``weights_only=True``;
+    without it, the weights of a TorchScript ``models/model.ts`` (see :func:`torchscript_weights`)."""
     import torch
 
     path = bundle / "models" / "model.pt"
     if not path.is_file():
         if (bundle / "models" / "model.ts").is_file():
-            raise BundleError(f"'{bundle.name}' holds only a TorchScript model.ts; import needs models/model.pt "
-                              "(a state dict)")
-        raise BundleError(f"'{bundle.name}' has no models/model.pt")
+            return torchscript_weights(bundle / "models" / "model.ts")
+        raise BundleError(f"'{bundle.name}' has no models/model.pt (or model.ts)")
     import pickle
 
     from .models import refused_pickle
@@ -232,6 +232,27 @@ def read_weights(bundle: Path) -> dict:
     return state
 
 
+def torchscript_weights(path: Path) -> dict:
+    """The parameters and buffers of a TorchScript archive, as a state dict.
+
+    Only its tensors are kept: they are loaded into the network that ``network_def`` names
+    (built from the allow-list), so the archive's own code never runs in a prediction.
+    ``torch.jit.load`` compiles that code to read the tensors, and unpickles nothing but
+    torch's own types."""
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")        # torch.jit is deprecated; reading it is still supported
+            module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise BundleError(f"the bundle's {path.name} is not a readable TorchScript archive "
+                          f"({str(exc).splitlines()[0][:120]})") from None
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
 def model_from_bundle(path, name: str | None = None, version: str | None = None, progress=None):
     """``(network, card)`` for a MONAI bundle: MONAI's network from ``network_def``, the weights
     from ``models/model.pt``, and the prediction sections kept in the card, to run through
@@ -240,16 +261,21 @@ def model_from_bundle(path, name: str | None = None, version: str | None = None,
 
     bundle = Path(path).expanduser()
     config, metadata = read_config(bundle), read_config(bundle, "metadata.json")  # its channels and labels
+    if "network_def" not in config:
+        raise BundleError("inference.json has no network_def; the network is built only from it (a TorchScript "
+                          "model alone would run its own code, which is not done here)")
     kept = prediction_config(config)
     if "inferer" not in kept or "preprocessing" not in kept:
         raise BundleError("inference.json needs a 'preprocessing' and an 'inferer' to predict")
     network_def = _inlined(config["network_def"], config, "network_def")
     network = build_sections(config)["network_def"]
-    report(progress, 0.3, "reading models/model.pt")
+    weights_file = "model.pt" if (bundle / "models" / "model.pt").is_file() else "model.ts"
+    report(progress, 0.3, f"reading models/{weights_file}")
     try:
         network.load_state_dict(read_weights(bundle))
     except RuntimeError as exc:
-        raise BundleError(f"models/model.pt does not fit network_def ({str(exc).splitlines()[0][:160]})") from None
+        raise BundleError(f"models/{weights_file} does not fit network_def ({str(exc).splitlines()[0][:160]})") \
+            from None
     formats = metadata.get("network_data_format") or {}
     inputs = next(iter((formats.get("inputs") or {}).values()), {}) or {}
     outputs = next(iter((formats.get("outputs") or {}).values()), {}) or {}
@@ -292,7 +318,7 @@ def model_from_bundle(path, name: str | None = None, version: str | None = None,
         },
         "explain": [],  # the maps run on our pipeline's grid, which a bundle's transforms replace
         "provenance": {"source": f"MONAI bundle {metadata.get('name') or bundle.name} {metadata.get('version', '')}".strip(),
-                       "weights": "float32",
+                       "weights": "float32", "weights_file": f"models/{weights_file}",
                        "kind": "monai_bundle", "monai_version": metadata.get("monai_version"),
                        "training_data": str(metadata.get("data_source") or "not stated in metadata.json"),
                        "intended_use": metadata.get("intended_use")},
