@@ -386,3 +386,104 @@ def test_one_fine_tuning_round_runs_on_the_imported_nnunet_model(genuine, tmp_pa
 
 def card_name(workspace) -> str:
     return workspace.model_name
+
+
+# -- several input channels ------------------------------------------------------------------
+
+def _two_channel_folder(root: Path) -> Path:
+    """An nnU-Net folder for CT plus a second image, each channel with its own scheme
+    (CTNormalization; ZScoreNormalization with the mask rule), the network nnU-Net's planner
+    describes (PLANS), seeded."""
+    from totalseg_factory import plans
+
+    two = plans((4.0, 1.2, 1.2), (16, 32, 32), "CT")
+    configuration = two["configurations"]["3d_fullres"]
+    configuration.update(normalization_schemes=["CTNormalization", "ZScoreNormalization"],
+                         use_mask_for_norm=[False, True])
+    # The planner records every channel's foreground intensities (ZScore does not use them).
+    two["foreground_intensity_properties_per_channel"]["1"] = dict(two["foreground_intensity_properties_per_channel"]["0"])
+    two["dataset_name"] = "Dataset002_TwoChannel"
+    dataset = {"channel_names": {"0": "CT", "1": "second"}, "labels": {"background": 0, "a": 1, "b": 2},
+               "numTraining": 1, "file_ending": ".nii.gz"}
+    folder = root / "Dataset002_TwoChannel" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    (folder / "fold_0").mkdir(parents=True)
+    torch.manual_seed(2)
+    network = build_network(two, "3d_fullres", 2, 3)
+    with torch.no_grad():
+        network.decoder.seg_layers[-1].bias[0] = 0.0
+    torch.save({"network_weights": network.state_dict(), "trainer_name": "nnUNetTrainer", "current_epoch": 1,
+                "init_args": {"plans": two, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset,
+                              "device": torch.device("cpu")},
+                "inference_allowed_mirroring_axes": (0, 1, 2)}, folder / "fold_0" / "checkpoint_final.pth")
+    (folder / "plans.json").write_text(json.dumps(two))
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    return folder
+
+
+def test_a_two_channel_nnunet_model_is_nnunetv2_predicts_with_each_channels_scheme(tmp_path):
+    """CT and a second image that is zero in other voxels than the CT (so the crop is the
+    non-zero voxels of any channel, as nnU-Net's): our prediction is nnUNetv2_predict's."""
+    import SimpleITK as sitk
+
+    from totalseg_factory import scan
+
+    folder = _two_channel_folder(tmp_path / "results")
+    ct = scan(tmp_path / "case_0000.nii.gz", "lung1", size=(64, 64, 12))
+    image = sitk.ReadImage(str(ct))
+    values = sitk.GetArrayFromImage(image).astype(np.float32)
+    second = np.sqrt(np.abs(values + 1024.0))
+    second[:, :, :10] = 0.0            # zero where the CT is not
+    second[2:4, 20:30, 20:30] = 0.0     # and a hole the crop's mask rule sees
+    values[:, :, -6:] = 0.0             # the CT is zero where the second image is not
+    values[:, :6], second[:, :6] = 0.0, 0.0   # and both are zero in some rows: the crop drops them
+    sitk.WriteImage(_like(values, image), str(ct))
+    other = tmp_path / "case_0001.nii.gz"
+    sitk.WriteImage(_like(second, image), str(other))
+    env = {**os.environ, "NAPARI_MEDSEG_HOME": str(tmp_path / "home")}
+    imported = cli("models", "import-nnunet", folder, "--name", "two", env=env)
+    assert imported.returncode == 0, imported.stderr
+    card = json.loads(cli("models", "show", "two", "--json", env=env).stdout)
+    assert card["channels"] == ["CT", "second"]
+    assert [n["kind"] for n in card["pipeline"]["channel_normalisations"]] == ["ct_zscore", "zscore"]
+    done = cli("predict", ct, other, "-o", tmp_path / "ours.nii.gz", "--probabilities", tmp_path / "ours_p.nii.gz",
+               "--model", "two", "--no-tta", env=env)
+    assert done.returncode == 0, done.stderr
+    from napari_medseg.core.io import read_volume
+    from napari_medseg.core.models import ModelRegistry
+    from napari_medseg.core.pipeline import prepare
+
+    volumes = [read_volume(path) for path in (ct, other)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home"))
+        model = ModelRegistry().load("two")
+    prepared = prepare(np.stack([v.layer_data() for v in volumes]), volumes[0].geometry.layer_affine_ras, model.card)
+    assert prepared.info["region"] == [[0, 12], [6, 64], [0, 64]]      # the union of the channels' non-zero voxels
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for path in (ct, other):
+        (inputs / path.name).write_bytes(path.read_bytes())
+    command = [str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(tmp_path / "theirs"),
+               "-d", "2", "-c", "3d_fullres", "-tr", "nnUNetTrainer", "-f", "0", "-device", "cpu",
+               "--save_probabilities", "--disable_tta"]
+    theirs_done = subprocess.run(command, env={**env, "nnUNet_results": str(tmp_path / "results"),
+                                               "nnUNet_raw": str(tmp_path / "raw"),
+                                               "nnUNet_preprocessed": str(tmp_path / "pre")},
+                                 capture_output=True, encoding="utf-8", errors="replace")
+    assert theirs_done.returncode == 0, theirs_done.stderr[-2000:]
+    ours = np.asarray(nib.load(tmp_path / "ours.nii.gz").dataobj)
+    theirs = np.asarray(nib.load(tmp_path / "theirs" / "case.nii.gz").dataobj)
+    scores = {c: dice(ours == c, theirs == c) for c in (0, 1, 2)}
+    print("two channels:", {c: round(float((theirs == c).mean()), 3) for c in (0, 1, 2)}, scores)
+    assert min((theirs == c).mean() for c in (0, 1, 2)) > 0.05, "every class covers part of the scan"
+    assert min(scores.values()) >= 0.99, scores
+    probabilities = np.moveaxis(np.asarray(nib.load(tmp_path / "ours_p.nii.gz").dataobj), -1, 0).transpose(0, 3, 2, 1)
+    their_probabilities = np.load(tmp_path / "theirs" / "case.npz")["probabilities"]
+    assert np.abs(probabilities - their_probabilities).max() < 1e-3
+
+
+def _like(values, reference):
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(values.astype(np.float32))
+    image.CopyInformation(reference)
+    return image

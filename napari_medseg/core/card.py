@@ -286,11 +286,19 @@ class Pipeline:
     bundle: dict | None = None          # a bundle's prediction sections, rebuilt through the allow-list
     # A model in parts (TotalSegmentator's split tasks): per part, (its class, the merged label) pairs.
     parts: tuple = ()
+    # Several input channels normalised each its own way (nnU-Net's per-channel schemes);
+    # empty: every channel uses ``normalisation``.
+    channel_normalisations: tuple = ()
+
+    def normalisation_of(self, channel: int) -> "Normalisation":
+        return self.channel_normalisations[channel] if self.channel_normalisations else self.normalisation
 
     def to_dict(self) -> dict:
         extra = {"kind": self.kind, "bundle": copy.deepcopy(self.bundle)} if self.kind != "ours" else {}
         if self.parts:
             extra["parts"] = [[list(pair) for pair in table] for table in self.parts]
+        if self.channel_normalisations:
+            extra["channel_normalisations"] = [n.to_dict() for n in self.channel_normalisations]
         return {**extra, "axis_order": self.axis_order, "roi": self.roi.to_dict(), "grid": self.grid.to_dict(),
                 "normalisation": self.normalisation.to_dict(), "patch_size": list(self.patch_size),
                 "output": self.output, "threshold": self.threshold,
@@ -470,24 +478,8 @@ def _pipeline(raw, where: str) -> Pipeline:
                                                and grid.back_order in (0, 1) and grid.back_order_z in (0, 1)):
         raise ModelError(f"'{where}': spline resampling takes order 0-5, and orders 0 or 1 across the "
                          "anisotropic axis and back onto the scan")
-    norm_raw = raw.get("normalisation") or {}
-    norm_kind = _choice(norm_raw.get("kind"), NORMALISATIONS, "the intensity normalisation", where)
-    window = None
-    if norm_kind in ("ct", "ct_zscore"):
-        window = tuple(float(v) for v in norm_raw.get("window", (-1000.0, 1000.0)))
-        if len(window) != 2 or window[0] >= window[1]:
-            raise ModelError(f"'{where}': the CT window must be [low, high] with low < high")
-    quantiles = tuple(float(v) for v in norm_raw.get("quantiles", (0.5, 99.5)))
-    if len(quantiles) != 2 or not 0 <= quantiles[0] < quantiles[1] <= 100:
-        raise ModelError(f"'{where}': the normalisation quantiles must be two percentiles, low < high")
-    normalisation = Normalisation(
-        kind=norm_kind, window=window, quantiles=quantiles,
-        mean=float(norm_raw.get("mean", 0.0)), std=float(norm_raw.get("std", 1.0)),
-        statistics=_choice(norm_raw.get("statistics", "region"), STATISTICS, "the statistics' source", where),
-        use_mask=bool(norm_raw.get("use_mask", False)),
-    )
-    if normalisation.std <= 0:
-        raise ModelError(f"'{where}': the normalisation SD must be positive")
+    normalisation = _normalisation(raw.get("normalisation"), where)
+    channel_normalisations = tuple(_normalisation(n, where) for n in raw.get("channel_normalisations") or ())
     threshold = raw.get("threshold")
     if threshold is not None and not 0 < float(threshold) < 1:
         raise ModelError(f"'{where}': the threshold must lie between 0 and 1, got {threshold}")
@@ -521,8 +513,30 @@ def _pipeline(raw, where: str) -> Pipeline:
         output=_choice(raw.get("output", "logits"), OUTPUTS, "the network output", where),
         threshold=None if threshold is None else float(threshold),
         postprocessing=post, windows=windows, normalise_first=bool(raw.get("normalise_first", False)),
-        kind=kind, bundle=bundle, parts=parts,
+        kind=kind, bundle=bundle, parts=parts, channel_normalisations=channel_normalisations,
     )
+
+
+def _normalisation(norm_raw, where: str) -> Normalisation:
+    norm_raw = norm_raw or {}
+    norm_kind = _choice(norm_raw.get("kind"), NORMALISATIONS, "the intensity normalisation", where)
+    window = None
+    if norm_kind in ("ct", "ct_zscore"):
+        window = tuple(float(v) for v in norm_raw.get("window", (-1000.0, 1000.0)))
+        if len(window) != 2 or window[0] >= window[1]:
+            raise ModelError(f"'{where}': the CT window must be [low, high] with low < high")
+    quantiles = tuple(float(v) for v in norm_raw.get("quantiles", (0.5, 99.5)))
+    if len(quantiles) != 2 or not 0 <= quantiles[0] < quantiles[1] <= 100:
+        raise ModelError(f"'{where}': the normalisation quantiles must be two percentiles, low < high")
+    normalisation = Normalisation(
+        kind=norm_kind, window=window, quantiles=quantiles,
+        mean=float(norm_raw.get("mean", 0.0)), std=float(norm_raw.get("std", 1.0)),
+        statistics=_choice(norm_raw.get("statistics", "region"), STATISTICS, "the statistics' source", where),
+        use_mask=bool(norm_raw.get("use_mask", False)),
+    )
+    if normalisation.std <= 0:
+        raise ModelError(f"'{where}': the normalisation SD must be positive")
+    return normalisation
 
 
 def _parts(raw, where: str) -> tuple:
@@ -562,6 +576,9 @@ def parse_card(data, where: str) -> ModelCard:
         raise ModelError(f"'{where}': the network takes {network.hparams.get('in_channels')} input channels "
                          f"but the card names {len(channels)} ({', '.join(channels)})")
     pipeline = _pipeline(data["pipeline"], where)
+    if pipeline.channel_normalisations and len(pipeline.channel_normalisations) != len(channels):
+        raise ModelError(f"'{where}': the pipeline normalises {len(pipeline.channel_normalisations)} channels "
+                         f"but the card names {len(channels)}")
     if pipeline.parts:
         part_specs = network.hparams.get("parts") or []
         values = {label.value for label in labels}

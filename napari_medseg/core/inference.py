@@ -346,7 +346,11 @@ def _sliding_window_on(image, predictor, patch_size, settings, device, labels_fr
         return filled
 
     wanted = tuple(dict.fromkeys(((labels_from,) if labels_from else ()) + keep))
-    if len(starts[0]) * len(starts[1]) * len(starts[2]) == 1 and tuple(roi) == tuple(shape):
+    # One window needs no blending, unless the card blends in float16 as nnU-Net does: its
+    # Gaussian weighting rounds the window's edges, and reproducing nnU-Net means rounding too.
+    rounds_like_nnunet = settings.step is not None and settings.blend_torch_dtype == torch.float16
+    if len(starts[0]) * len(starts[1]) * len(starts[2]) == 1 and tuple(roi) == tuple(shape) \
+            and not rounds_like_nnunet:
         return _one_window(image, predictor, device, settings, labels_from, threshold, keep, wanted, progress,
                            started, roi)
     weights = (nnunet_importance if settings.step is not None else gaussian_importance)(roi, device=device)

@@ -401,13 +401,15 @@ def read_configuration(path, folds=None, checkpoint: str = "final", read_order: 
     if len(patch) != 3:
         raise MedsegError(f"'{configuration_name}' is not a 3D configuration (patch {patch}); only 3D models run here")
     channels = results.channel_names
-    if len(channels) != 1:
-        raise MedsegError(f"'{results.folder.name}' takes {len(channels)} input channels "
-                          f"({', '.join(channels)}); several channels are not supported yet")
+    if not channels:
+        raise MedsegError(f"dataset.json of '{results.folder.name}' names no input channels (channel_names)")
     label_names = results.label_names
     if sorted(label_names) != list(range(len(label_names))):
         raise MedsegError(f"dataset.json: label values must run 0..N-1, got {sorted(label_names)}")
     normalisations = channel_normalisations(plans, configuration_name)
+    if len(normalisations) != len(channels):
+        raise MedsegError(f"plans.json normalises {len(normalisations)} channels, but dataset.json names "
+                          f"{len(channels)} ({', '.join(channels)})")
     data_kwargs, back_kwargs = _resampling(configuration, "data"), _resampling(configuration, "probabilities")
     transpose = [int(a) for a in plans.get("transpose_forward") or [0, 1, 2]]
     if sorted(transpose) != [0, 1, 2]:
@@ -434,6 +436,9 @@ def read_configuration(path, folds=None, checkpoint: str = "final", read_order: 
                  "back_order": int(back_kwargs.get("order", 1)), "back_order_z": int(back_kwargs.get("order_z", 0)),
                  "separate_z": data_kwargs.get("force_separate_z"), "anisotropy_threshold": ANISOTROPY_THRESHOLD},
         "normalisation": normalisations[0].to_dict(),
+        # Each channel its own scheme, as nnU-Net normalises them (when they differ).
+        **({"channel_normalisations": [n.to_dict() for n in normalisations]}
+           if len({str(n.to_dict()) for n in normalisations}) > 1 else {}),
         "normalise_first": True,
         "patch_size": patch,
         "output": "logits",

@@ -444,7 +444,7 @@ class PreparedScan:
 
     @property
     def model_shape(self) -> tuple:
-        return tuple(self.tensor.shape)
+        return tuple(self.tensor.shape[-3:])
 
     @property
     def region_shape(self) -> tuple:
@@ -490,15 +490,25 @@ def prepare(layer_array, layer_affine_ras: np.ndarray, card: ModelCard,
         raise MedsegError(mismatch)
     if channels is None:
         return _prepare_channel(layer_array, layer_affine_ras, card, roi_network, device)
-    first = _prepare_channel(channels[0], layer_affine_ras, card, roi_network, device)
-    rest = [_prepare_channel(c, layer_affine_ras, card, roi_network, device, first.region).tensor
-            for c in channels[1:]]
+    nonzero = region = None
+    if card.pipeline.roi.kind == "nonzero":
+        # nnU-Net's crop of several channels: the voxels that are non-zero in any of them.
+        union = np.zeros(to_working(channels[0], card.pipeline.axis_order).shape, dtype=bool)
+        for channel in channels:
+            union |= to_working(channel, card.pipeline.axis_order) != 0
+        nonzero, region = nonzero_mask_and_box(union)
+    first = _prepare_channel(channels[0], layer_affine_ras, card, roi_network, device, region, 0, nonzero)
+    rest = [_prepare_channel(c, layer_affine_ras, card, roi_network, device, first.region, index, nonzero).tensor
+            for index, c in enumerate(channels[1:], start=1)]
     return replace(first, tensor=torch.stack([first.tensor, *rest]).contiguous())
 
 
-def _prepare_channel(layer_array, layer_affine_ras, card, roi_network, device, region=None) -> PreparedScan:
+def _prepare_channel(layer_array, layer_affine_ras, card, roi_network, device, region=None, channel: int = 0,
+                     nonzero: np.ndarray | None = None) -> PreparedScan:
     """One channel onto the network grid; ``region`` (working-order voxels) is the first
-    channel's, when given, instead of one found on this channel."""
+    channel's, when given, instead of one found on this channel; ``nonzero``: the non-zero
+    mask of all channels (nnU-Net's), in working order. The channel's normalisation is
+    the card's for that channel."""
     if np.ndim(layer_array) != 3 or min(np.shape(layer_array)) < 2:
         raise MedsegError(f"segmentation needs a 3D scan; this one has shape {tuple(np.shape(layer_array))}")
     pipeline = card.pipeline
@@ -510,7 +520,8 @@ def _prepare_channel(layer_array, layer_affine_ras, card, roi_network, device, r
     info: dict = {}
     given = region is not None
     region = region if given else tuple(slice(0, n) for n in shape)
-    if not given and roi.kind in ("body", "network") and pipeline.normalisation.statistics == "region":
+    normalisation = pipeline.normalisation_of(channel)
+    if not given and roi.kind in ("body", "network") and normalisation.statistics == "region":
         # The threshold does not depend on the axis order: take it on the contiguous layer array.
         region = body_box(working, spacing, roi.margin_mm if roi.kind == "body" else max(roi.margin_mm, 10.0),
                           _otsu_above_air(np.asarray(layer_array)))
@@ -522,8 +533,8 @@ def _prepare_channel(layer_array, layer_affine_ras, card, roi_network, device, r
             raise MedsegError(f"the model {card.title} needs its first-stage network, which was not loaded")
         region_tensor = torch.from_numpy(crop_working(layer_array, region, pipeline.axis_order, air))
         coarse = resample(region_tensor, roi.input_shape, mode)
-        stats = intensity_statistics(coarse.numpy(), pipeline.normalisation)
-        stage_one = normalise(coarse, pipeline.normalisation, stats)
+        stats = intensity_statistics(coarse.numpy(), normalisation)
+        stage_one = normalise(coarse, normalisation, stats)
         device = device or torch.device("cpu")
         roi_network = roi_network.to(device).eval()
         began = time.perf_counter()
@@ -534,11 +545,10 @@ def _prepare_channel(layer_array, layer_affine_ras, card, roi_network, device, r
         inner = _network_box(foreground, tuple(region_tensor.shape), roi.margin_fraction, roi.threshold)
         region = tuple(slice(outer.start + box.start, outer.start + box.stop) for outer, box in zip(region, inner))
         info["first_stage_box"] = [[s.start, s.stop] for s in inner]
-    mask = nonzero = None
+    mask = None
     if roi.kind == "nonzero" and not given:
         nonzero, region = nonzero_mask_and_box(working)
     region_tensor = torch.from_numpy(crop_working(layer_array, region, pipeline.axis_order, air))
-    normalisation = pipeline.normalisation
     if normalisation.kind == "zscore" and normalisation.use_mask:
         # nnU-Net's mask rule: the non-zero mask of the whole scan, within the crop.
         mask = np.ascontiguousarray(nonzero[region]) if nonzero is not None else \
