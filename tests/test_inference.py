@@ -16,6 +16,7 @@ from napari_medseg.core.inference import (
     plan_windows,
     sliding_window,
 )
+from napari_medseg.core.devices import cpu_has_native_bf16
 from napari_medseg.core.network import AttentionUNet3D, fuse_batch_norm
 
 
@@ -193,3 +194,41 @@ def test_model_declared_clean_up_keeps_labels_inside_the_body_and_in_one_piece()
     card = make_card(name="constant", spacing=(1.0, 1.0, 1.0), postprocessing=["inside_body", "largest_component"])
     labels = segment(image, np.eye(4), Model(ConstantLogits([0.0, 1.0]), card), InferenceSettings("cpu")).labels
     assert (labels[body] == 1).all() and (labels[~body] == 0).mean() > 0.99
+
+
+def test_a_cpu_with_native_bf16_runs_our_models_in_bf16_and_imported_ones_as_their_tools_do(monkeypatch):
+    """bf16 on a CPU that computes it natively, for our own models only: an imported model
+    keeps float32 (its card's provenance says so), and NAPARI_MEDSEG_CPU_BF16=0 turns it off."""
+    import dataclasses
+
+    from napari_medseg.core.inference import InferenceSettings
+    from napari_medseg.core.models import ModelRegistry
+
+    brain = ModelRegistry().load("brain-t1")
+    imported = dataclasses.replace(brain.card, provenance={**brain.card.provenance, "weights": "float32"})
+    native = cpu_has_native_bf16()
+    assert InferenceSettings(device="cpu").for_card(brain.card).network_amp is (True if native else None)
+    assert InferenceSettings(device="cpu").for_card(imported).network_amp is None
+    assert InferenceSettings(device="cpu", amp=False).for_card(brain.card).network_amp is False
+    monkeypatch.setenv("NAPARI_MEDSEG_CPU_BF16", "0")
+    assert not cpu_has_native_bf16()
+    assert InferenceSettings(device="cpu").for_card(brain.card).network_amp is None
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")
+def test_brain_t1_in_bf16_on_the_cpu_gives_the_float32_mask(monkeypatch):
+    from napari_medseg.core.inference import InferenceSettings, segment
+    from napari_medseg.core.io import read_volume
+    from napari_medseg.core.models import ModelRegistry
+    from napari_medseg.viewer._sample import sample_path
+
+    model = ModelRegistry().load("brain-t1")
+    volume = read_volume(sample_path())
+    fast = segment(volume.layer_data(), volume.geometry.layer_affine_ras, model, InferenceSettings(device="cpu"))
+    exact = segment(volume.layer_data(), volume.geometry.layer_affine_ras, model,
+                    InferenceSettings(device="cpu", amp=False))
+    assert fast.info["amp"] is True and exact.info["amp"] is False
+    a, b = fast.labels == 1, exact.labels == 1
+    agreement = 2 * (a & b).sum() / (a.sum() + b.sum())
+    print(f"brain-t1 bf16 against float32 on the sample head: Dice {agreement:.4f}")
+    assert agreement >= 0.995

@@ -52,16 +52,21 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="test-time augmentation by mirroring (4x time; an imported nnU-Net model mirrors "
                              "over its allowed axes, 8x, and does so by default, as nnUNetv2_predict does)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="mixed precision; by default on CUDA, and in bf16 on a CPU that computes bf16 natively "
+                             "(AVX-512 BF16, AMX) for this project's own models (imported ones keep float32, as "
+                             "their tools run them); --no-amp runs float32 everywhere")
     parser.add_argument("--windows", choices=WINDOW_CHOICES, default="card",
                         help="card: tile as the model declares (nnU-Net's fixed step for an imported nnU-Net "
                              "model); ours: our engine's window plan, fewer voxels")
 
 
 def inference_settings(args):
-    """The InferenceSettings that --device, --overlap, --tta and --windows ask for."""
+    """The InferenceSettings that --device, --overlap, --tta, --amp and --windows ask for."""
     from ..core.inference import InferenceSettings
 
-    return InferenceSettings(device=args.device, overlap=args.overlap, tta=args.tta, windows=args.windows)
+    return InferenceSettings(device=args.device, overlap=args.overlap, tta=args.tta, windows=args.windows,
+                             amp=args.amp)
 
 
 def add_input_options(parser: argparse.ArgumentParser) -> None:

@@ -55,6 +55,9 @@ class InferenceSettings:
     imported nnU-Net model: nnU-Net's fixed step), ``ours`` always plans our windows.
     ``step`` (set from the card) tiles with windows of the patch, ``step`` of a patch
     apart, the grid padded with ``pad_value`` up to one patch, as nnU-Net does.
+    ``cpu_bf16`` (set from the card): with ``amp=None``, a segmentation on a CPU with
+    native bf16 runs in bf16 (see :func:`~.devices.cpu_has_native_bf16`), unless the card
+    keeps its weights in float32 to run as its own tool does (imported models).
     """
 
     device: str = "auto"
@@ -68,6 +71,7 @@ class InferenceSettings:
     step: float | None = None
     pad_value: float = 0.0
     blend_dtype: str = "float32"
+    cpu_bf16: bool = False
 
     def __post_init__(self):
         if not 0 <= float(self.overlap) < 1:
@@ -77,6 +81,12 @@ class InferenceSettings:
         check_device_name(self.device)
 
     @property
+    def network_amp(self) -> bool | None:
+        """The ``amp`` a segmentation's networks run with: True is CUDA's default anyway,
+        and on a CPU with native bf16 (``cpu_bf16``) it means bf16."""
+        return True if self.amp is None and self.cpu_bf16 else self.amp
+
+    @property
     def blend_torch_dtype(self) -> torch.dtype:
         return torch.float16 if self.blend_dtype == "float16" else torch.float32
 
@@ -84,9 +94,13 @@ class InferenceSettings:
         """These settings with the card's defaults filled in: its mirroring and its window plan."""
         windows = card.pipeline.windows
         step = windows.step if windows.plan == "step" and self.windows == "card" and self.roi_size is None else None
+        from .devices import cpu_has_native_bf16
+
         return replace(self, tta=windows.mirror_by_default if self.tta is None else bool(self.tta),
                        step=step, pad_value=windows.pad_value,
-                       blend_dtype=windows.blend_dtype if step is not None else "float32")
+                       blend_dtype=windows.blend_dtype if step is not None else "float32",
+                       cpu_bf16=self.amp is None and card.provenance.get("weights") != "float32"
+                       and cpu_has_native_bf16())
 
 
 def mirror_flips(card) -> tuple:
@@ -435,7 +449,7 @@ def _sliding_window_on(image, predictor, patch_size, settings, device, labels_fr
                 report(progress, done / total, f"window {done} of {total}")
         finish(depth)
     info = {"device": str(device), "roi_size": list(roi), "windows": total, "window_batch": batch,
-            "amp": uses_amp(device, settings.amp), "tta": settings.tta,
+            "amp": uses_amp(device, getattr(predictor, "amp", settings.amp)), "tta": settings.tta,
             "seconds": time.perf_counter() - started}
     return WindowResult(labels, maps, info)
 
@@ -467,7 +481,8 @@ def _one_window(image, predictor, device, settings, labels_from, threshold, keep
         maps = {name: outputs[name][0].detach().float().cpu() for name in keep}
     report(progress, 1.0, "window 1 of 1")
     info = {"device": str(device), "roi_size": list(roi), "windows": 1, "window_batch": 1,
-            "amp": uses_amp(device, settings.amp), "tta": settings.tta, "seconds": time.perf_counter() - started}
+            "amp": uses_amp(device, getattr(predictor, "amp", settings.amp)), "tta": settings.tta,
+            "seconds": time.perf_counter() - started}
     return WindowResult(labels, maps, info)
 
 
@@ -551,7 +566,8 @@ def predictor_for(model, settings: InferenceSettings, variance: bool = False,
                   network: torch.nn.Module | None = None) -> NetworkPredictor:
     """The predictor that runs ``model``'s network (or one of its folds) as its card declares."""
     settings = settings.for_card(model.card)
-    return NetworkPredictor(network if network is not None else model.network, output=model.card.pipeline.output, amp=settings.amp,
+    return NetworkPredictor(network if network is not None else model.network, output=model.card.pipeline.output,
+                            amp=settings.network_amp,
                             flips=mirror_flips(model.card) if settings.tta else ((),), variance=variance)
 
 
@@ -609,7 +625,8 @@ def segment(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, settin
         raise MedsegError(f"{model.title} runs in {len(card.pipeline.parts)} parts; it gives labels and "
                           "uncertainty, not one probability map per class")
     report(progress, 0.0, "preparing the scan")
-    prepared = prepare(layer_array, layer_affine_ras, card, model.roi_network, pick_device(settings.device))
+    prepared = prepare(layer_array, layer_affine_ras, card, model.roi_network, pick_device(settings.device),
+                       settings.network_amp)
     if card.pipeline.parts:
         labels, probabilities, uncertainty, run_info = _parts_onto_scan(prepared, model, settings, want_probabilities,
                                                                         want_uncertainty, progress)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import dicom
 from .errors import (
     MedsegError,
     MultiVolumeError,
@@ -48,7 +47,11 @@ def is_supported_path(path: str | os.PathLike) -> bool:
     path = Path(path)
     if path.is_dir():
         return path.suffix.lower() != ".zarr"  # a zarr store is a folder that is never DICOM
-    return suffix_of(path) != "" or dicom.looks_like_dicom_file(path)
+    if suffix_of(path) != "":
+        return True
+    from . import dicom  # pydicom loads only for DICOM (80 ms of every start otherwise)
+
+    return dicom.looks_like_dicom_file(path)
 
 
 @dataclass
@@ -102,6 +105,12 @@ def _display_name(path: Path) -> str:
     return name
 
 
+def looks_like_dicom(path: Path) -> bool:
+    from .dicom.discovery import looks_like_dicom_file
+
+    return looks_like_dicom_file(path)
+
+
 def read_volume(
     path: str | os.PathLike,
     *,
@@ -132,6 +141,8 @@ def read_volume(
         raise UnreadableScanError(f"'{path.name}' is a single file, not a folder of DICOM series; "
                                   "a series can only be chosen in a folder")
     if path.is_dir():
+        from . import dicom
+
         volume = dicom.read_series(path, series=series, volume_index=volume_index, progress=progress)
     else:
         suffix = suffix_of(path)
@@ -139,7 +150,9 @@ def read_volume(
             volume = _read_nifti(path, volume_index)
         elif suffix in ITK_SUFFIXES:
             volume = _read_itk_file(path, volume_index)
-        elif path.suffix.lower() == ".dcm" or dicom.looks_like_dicom_file(path):
+        elif path.suffix.lower() == ".dcm" or looks_like_dicom(path):
+            from . import dicom
+
             volume = dicom.read_file(path, volume_index)
         else:
             raise UnreadableScanError(

@@ -477,8 +477,10 @@ def _network_box(probability: torch.Tensor, region_shape: tuple, margin: float, 
 
 
 def prepare(layer_array, layer_affine_ras: np.ndarray, card: ModelCard,
-            roi_network: torch.nn.Module | None = None, device: torch.device | None = None) -> PreparedScan:
+            roi_network: torch.nn.Module | None = None, device: torch.device | None = None,
+            amp: bool | None = None) -> PreparedScan:
     """Bring a layer-order scan onto ``card``'s network grid (see the module's steps).
+    ``amp``: the mixed precision of a first-stage network (see :func:`~.devices.autocast`).
 
     A model with several input channels takes ``(C, D, H, W)``, every channel on one grid
     (see :func:`~.predict.stack_channels`): the first channel finds the region, and each
@@ -489,7 +491,7 @@ def prepare(layer_array, layer_affine_ras: np.ndarray, card: ModelCard,
     if mismatch:
         raise MedsegError(mismatch)
     if channels is None:
-        return _prepare_channel(layer_array, layer_affine_ras, card, roi_network, device)
+        return _prepare_channel(layer_array, layer_affine_ras, card, roi_network, device, amp=amp)
     nonzero = region = None
     if card.pipeline.roi.kind == "nonzero":
         # nnU-Net's crop of several channels: the voxels that are non-zero in any of them.
@@ -497,14 +499,14 @@ def prepare(layer_array, layer_affine_ras: np.ndarray, card: ModelCard,
         for channel in channels:
             union |= to_working(channel, card.pipeline.axis_order) != 0
         nonzero, region = nonzero_mask_and_box(union)
-    first = _prepare_channel(channels[0], layer_affine_ras, card, roi_network, device, region, 0, nonzero)
+    first = _prepare_channel(channels[0], layer_affine_ras, card, roi_network, device, region, 0, nonzero, amp)
     rest = [_prepare_channel(c, layer_affine_ras, card, roi_network, device, first.region, index, nonzero).tensor
             for index, c in enumerate(channels[1:], start=1)]
     return replace(first, tensor=torch.stack([first.tensor, *rest]).contiguous())
 
 
 def _prepare_channel(layer_array, layer_affine_ras, card, roi_network, device, region=None, channel: int = 0,
-                     nonzero: np.ndarray | None = None) -> PreparedScan:
+                     nonzero: np.ndarray | None = None, amp: bool | None = None) -> PreparedScan:
     """One channel onto the network grid; ``region`` (working-order voxels) is the first
     channel's, when given, instead of one found on this channel; ``nonzero``: the non-zero
     mask of all channels (nnU-Net's), in working order. The channel's normalisation is
@@ -538,7 +540,9 @@ def _prepare_channel(layer_array, layer_affine_ras, card, roi_network, device, r
         device = device or torch.device("cpu")
         roi_network = roi_network.to(device).eval()
         began = time.perf_counter()
-        with torch.inference_mode():
+        from .devices import autocast
+
+        with torch.inference_mode(), autocast(device, amp):
             output = roi_network(stage_one[None, None].to(device)).float().cpu()[0]
         info["first_stage_seconds"] = time.perf_counter() - began
         foreground = output[1:].sum(0)
