@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -267,3 +269,49 @@ def test_a_torchscript_only_bundle_predicts_with_its_tensors_in_the_allow_listed
     refused = cli("models", "import-bundle", folder, "--name", "spleen-ts2")
     assert refused.returncode != 0
     assert "has no network_def" in refused.stderr.strip().splitlines()[-1]
+
+
+# -- several sequences: the zoo's BraTS bundle --------------------------------------------------
+
+def test_the_brats_bundle_takes_four_sequences_and_gives_monais_runners_labels(tmp_path):
+    """The zoo's brats_mri_segmentation configs (four MR sequences, three sigmoid regions, and
+    its Lambdad that writes labels 1, 2 and 4) on four sequences from a real brain MR: our
+    prediction is MONAI's own runner's, label for label, in the source geometry. Its
+    Lambdad text runs as our own function; a Lambdad we do not know is refused."""
+    import SimpleITK as sitk
+
+    from bundle_factory import brats_scans, build_brats
+
+    scans = brats_scans(tmp_path / "scans")
+    bundle = build_brats(tmp_path, scans)
+    env = {**__import__("os").environ, "NAPARI_MEDSEG_HOME": str(tmp_path / "home")}
+    imported = cli("models", "import-bundle", bundle, "--name", "brats", env=env)
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.startswith("imported brats v0.5.2: 3 classes (tumor core (not enhancing), "
+                                      "whole tumor (not tumor core), enhancing tumor), MR"), imported.stdout
+    card = json.loads(cli("models", "show", "brats", "--json", env=env).stdout)
+    assert card["channels"] == ["T1c", "T1", "T2", "FLAIR"]
+    done = cli("predict", *scans, "-o", tmp_path / "ours.nii.gz", "--model", "brats", env=env)
+    assert done.returncode == 0, done.stderr
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
+               "--bundle_root", str(bundle), "--dataset_dir", str(tmp_path / "scans"),
+               "--output_dir", str(tmp_path / "monai")]
+    ran = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", env=env)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    (theirs_path,) = (tmp_path / "monai").rglob("*.nii.gz")
+    ours_image, theirs_image = sitk.ReadImage(str(tmp_path / "ours.nii.gz")), sitk.ReadImage(str(theirs_path))
+    assert ours_image.GetSize() == theirs_image.GetSize() == sitk.ReadImage(str(scans[0])).GetSize()
+    np.testing.assert_allclose(ours_image.GetDirection(), theirs_image.GetDirection(), atol=1e-6)
+    ours, theirs = (sitk.GetArrayFromImage(i).astype(int) for i in (ours_image, theirs_image))
+    assert set(np.unique(theirs)) == {0, 1, 2, 4}
+    scores = {v: _dice(ours == v, theirs == v) for v in (1, 2, 4)}
+    print("brats:", {v: round(float((theirs == v).mean()), 3) for v in (0, 1, 2, 4)}, scores)
+    assert min(scores.values()) >= 0.99, scores
+
+    config = read_config(bundle)
+    config["postprocessing"]["transforms"][3]["func"] = "$lambda x: x * 2"
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    refused = cli("models", "import-bundle", bundle, "--name", "brats2", env=env)
+    assert refused.returncode != 0
+    assert "'postprocessing::transforms::3::func' is a function written in the bundle" in refused.stderr, \
+        refused.stderr

@@ -458,18 +458,7 @@ def test_a_two_channel_nnunet_model_is_nnunetv2_predicts_with_each_channels_sche
         model = ModelRegistry().load("two")
     prepared = prepare(np.stack([v.layer_data() for v in volumes]), volumes[0].geometry.layer_affine_ras, model.card)
     assert prepared.info["region"] == [[0, 12], [6, 64], [0, 64]]      # the union of the channels' non-zero voxels
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for path in (ct, other):
-        (inputs / path.name).write_bytes(path.read_bytes())
-    command = [str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(tmp_path / "theirs"),
-               "-d", "2", "-c", "3d_fullres", "-tr", "nnUNetTrainer", "-f", "0", "-device", "cpu",
-               "--save_probabilities", "--disable_tta"]
-    theirs_done = subprocess.run(command, env={**env, "nnUNet_results": str(tmp_path / "results"),
-                                               "nnUNet_raw": str(tmp_path / "raw"),
-                                               "nnUNet_preprocessed": str(tmp_path / "pre")},
-                                 capture_output=True, encoding="utf-8", errors="replace")
-    assert theirs_done.returncode == 0, theirs_done.stderr[-2000:]
+    _nnunet_predict_channels(tmp_path, (ct, other), 2, env)
     ours = np.asarray(nib.load(tmp_path / "ours.nii.gz").dataobj)
     theirs = np.asarray(nib.load(tmp_path / "theirs" / "case.nii.gz").dataobj)
     scores = {c: dice(ours == c, theirs == c) for c in (0, 1, 2)}
@@ -481,9 +470,80 @@ def test_a_two_channel_nnunet_model_is_nnunetv2_predicts_with_each_channels_sche
     assert np.abs(probabilities - their_probabilities).max() < 1e-3
 
 
+def _nnunet_predict_channels(tmp_path: Path, channels, dataset_id: int, env: dict) -> None:
+    """nnUNetv2_predict on one case given as its channel files, into tmp_path/theirs (no mirroring)."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for path in channels:
+        (inputs / path.name).write_bytes(path.read_bytes())
+    command = [str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(tmp_path / "theirs"),
+               "-d", str(dataset_id), "-c", "3d_fullres", "-tr", "nnUNetTrainer", "-f", "0", "-device", "cpu",
+               "--save_probabilities", "--disable_tta"]
+    done = subprocess.run(command, env={**env, "nnUNet_results": str(tmp_path / "results"),
+                                        "nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre")},
+                          capture_output=True, encoding="utf-8", errors="replace")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def _like(values, reference):
     import SimpleITK as sitk
 
     image = sitk.GetImageFromArray(values.astype(np.float32))
     image.CopyInformation(reference)
     return image
+
+
+def test_a_region_based_nnunet_model_is_nnunetv2_predicts_and_names_each_region(tmp_path):
+    """BraTS-style regions (whole tumour, tumour core, enhancing tumour: one sigmoid each,
+    regions_class_order 1, 2, 3) on two real MR channels: nnUNetv2_predict's labels and
+    probabilities."""
+    import SimpleITK as sitk
+
+    from totalseg_factory import plans, scan
+
+    regional = plans((6.0, 1.6, 1.6), (16, 32, 32), "MR")
+    regional["configurations"]["3d_fullres"].update(normalization_schemes=["ZScoreNormalization"] * 2,
+                                                    use_mask_for_norm=[True, True])
+    regional["foreground_intensity_properties_per_channel"]["1"] = dict(
+        regional["foreground_intensity_properties_per_channel"]["0"])
+    regional["dataset_name"] = "Dataset003_Regions"
+    dataset = {"channel_names": {"0": "T1", "1": "FLAIR"},
+               "labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3},
+               "regions_class_order": [1, 2, 3], "numTraining": 1, "file_ending": ".nii.gz"}
+    folder = tmp_path / "results" / "Dataset003_Regions" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    (folder / "fold_0").mkdir(parents=True)
+    torch.manual_seed(3)
+    network = build_network(regional, "3d_fullres", 2, 3)
+    with torch.no_grad():
+        network.decoder.seg_layers[-1].bias[:] = torch.tensor([0.6, -0.5, 0.1])
+    torch.save({"network_weights": network.state_dict(), "trainer_name": "nnUNetTrainer", "current_epoch": 1,
+                "init_args": {"plans": regional, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset,
+                              "device": torch.device("cpu")},
+                "inference_allowed_mirroring_axes": (0, 1, 2)}, folder / "fold_0" / "checkpoint_final.pth")
+    (folder / "plans.json").write_text(json.dumps(regional))
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    t1 = scan(tmp_path / "case_0000.nii.gz", "brain1", size=(96, 96, 16))
+    image = sitk.ReadImage(str(t1))
+    flair = tmp_path / "case_0001.nii.gz"
+    sitk.WriteImage(_like(np.sqrt(np.abs(sitk.GetArrayFromImage(image).astype(np.float32))), image), str(flair))
+    env = {**os.environ, "NAPARI_MEDSEG_HOME": str(tmp_path / "home")}
+    imported = cli("models", "import-nnunet", folder, "--name", "regions", env=env)
+    assert imported.returncode == 0, imported.stderr
+    assert ("3 classes (whole tumor (not tumor core), tumor core (not enhancing tumor), enhancing tumor), MR"
+            in imported.stdout), imported.stdout
+    done = cli("predict", t1, flair, "-o", tmp_path / "ours.nii.gz", "--probabilities", tmp_path / "ours_p.nii.gz",
+               "--model", "regions", "--no-tta", env=env)
+    assert done.returncode == 0, done.stderr
+    _nnunet_predict_channels(tmp_path, (t1, flair), 3, env)
+    ours = np.asarray(nib.load(tmp_path / "ours.nii.gz").dataobj)
+    theirs = np.asarray(nib.load(tmp_path / "theirs" / "case.nii.gz").dataobj)
+    scores = {c: dice(ours == c, theirs == c) for c in (0, 1, 2, 3)}
+    print("regions:", {c: round(float((theirs == c).mean()), 3) for c in (0, 1, 2, 3)}, scores)
+    assert min((theirs == c).mean() for c in (1, 2, 3)) > 0.02, "every region is written somewhere"
+    assert min(scores.values()) >= 0.99, scores
+    probabilities = np.moveaxis(np.asarray(nib.load(tmp_path / "ours_p.nii.gz").dataobj), -1, 0).transpose(0, 3, 2, 1)
+    their_probabilities = np.load(tmp_path / "theirs" / "case.npz")["probabilities"]
+    assert probabilities.shape == their_probabilities.shape == (3, *theirs.shape[::-1])
+    assert np.abs(probabilities - their_probabilities).max() < 1e-3
+    card = json.loads(cli("models", "show", "regions", "--json", env=env).stdout)
+    assert card["pipeline"]["regions"] == [1, 2, 3] and card["explain"] == []

@@ -48,7 +48,7 @@ def add_parsers(sub) -> None:
                                          "decided (attention gates, Grad-CAM, a layer's activation) or where it is "
                                          "unsure (entropy, TTA variance); --regions lists the connected "
                                          "high-value regions with their centres in patient mm.")
-    from ..core.explain import METHODS
+    from ..core.card import EXPLAIN_METHODS as METHODS  # not core.explain: the parser must not import torch
 
     add_input_options(explain)
     explain.add_argument("--method", required=True, choices=list(METHODS), help="what to map")
@@ -168,12 +168,17 @@ def cmd_predict(args) -> int:
         raise MedsegError(f"cannot write probabilities to '{args.probabilities}': use .nii.gz or .nii")
     check_outputs({"-o": args.output, "--probabilities": args.probabilities},
                   list(args.input) + model_inputs(args.model))
-    settings = inference_settings(args)
-    model = load_model_of(args)
-    mismatch = model.card.channel_mismatch(len(args.input))
-    if mismatch:  # before reading any of them
-        raise MedsegError(mismatch)
-    read = [_read_scan(args, "segment", path) for path in args.input]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        # The first scan is read while torch and the model load: its decompression overlaps them.
+        first = pool.submit(_read_scan, args, "segment", args.input[0])
+        settings = inference_settings(args)
+        model = load_model_of(args)
+        mismatch = model.card.channel_mismatch(len(args.input))
+        if mismatch:  # before reading the others
+            raise MedsegError(mismatch)
+        read = [first.result()] + [_read_scan(args, "segment", path) for path in args.input[1:]]
     volume = read[0][0]
     scan = read[0][1] if len(read) == 1 else stack_channels([s for _v, s in read], model.card.channels)
     try:

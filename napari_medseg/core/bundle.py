@@ -30,6 +30,36 @@ LEFT_OUT = {"SaveImage", "SaveImaged"}
 SPECIAL_KEYS = {"_target_", "_disabled_", "_requires_", "_desc_"}
 
 
+def _brats_regions_to_labels(x):
+    """The model zoo's brats_mri_segmentation postprocessing, as its Lambdad states it:
+    enhancing tumour 4, else tumour core 1, else whole tumour 2, from thresholded regions
+    (channel 0 tumour core, 1 whole tumour, 2 enhancing tumour)."""
+    import torch
+
+    return torch.where(x[[2]] > 0, 4, torch.where(x[[0]] > 0, 1, torch.where(x[[1]] > 0, 2, 0)))
+
+
+# Lambdad expressions that known bundles use, by their exact text (spaces aside): each
+# runs as our own function with the same body; the bundle's text is never evaluated.
+# With the labels it writes, since the network's channels are then regions, not labels.
+KNOWN_FUNCTIONS = {
+    "$lambda x: torch.where(x[[2]] > 0, 4, torch.where(x[[0]] > 0, 1, torch.where(x[[1]] > 0, 2, 0)))":
+        (_brats_regions_to_labels, {1: "tumor core (not enhancing)", 2: "whole tumor (not tumor core)",
+                                    4: "enhancing tumor"}),
+}
+
+
+def known_function(text):
+    """The (function, labels) a known bundle's Lambdad text stands for, or None."""
+    if not isinstance(text, str):
+        return None
+    wanted = "".join(text.split())
+    for known, entry in KNOWN_FUNCTIONS.items():
+        if "".join(known.split()) == wanted:
+            return entry
+    return None
+
+
 class BundleError(MedsegError):
     """A bundle's config asks for something that is not data."""
 
@@ -103,7 +133,14 @@ class _Builder:
         cls = allowed_class(spec["_target_"], package, f"{where}::_target_", self.source)
         if cls.__name__ in LEFT_OUT:
             return None  # its arguments (an output folder, often an expression) are never read
-        kwargs = {key: self.value(item, f"{where}::{key}", package)
+        if cls.__name__ in ("Lambda", "Lambdad"):
+            known = known_function(spec.get("func"))
+            if known is None:
+                raise BundleError(f"{self.source}: '{where}::func' is a function written in the bundle "
+                                  f"({str(spec.get('func'))[:60]!r}); only known bundles' functions are run, "
+                                  "as this project's own code")
+            spec = {**spec, "func": known[0]}
+        kwargs = {key: item if key == "func" and callable(item) else self.value(item, f"{where}::{key}", package)
                   for key, item in spec.items() if key not in SPECIAL_KEYS}
         if cls.__name__ == "Compose" and isinstance(kwargs.get("transforms"), list):
             kwargs["transforms"] = [t for t in kwargs["transforms"] if t is not None]  # left out or disabled
@@ -196,6 +233,17 @@ def _channel_names(definition: dict, count: int, fallback: str) -> list:
     return [names.get(i, f"{fallback} {i}") for i in range(count)]
 
 
+def _written_labels(postprocessing) -> dict:
+    """The labels that a known function in the postprocessing writes ({} when none does)."""
+    transforms = postprocessing.get("transforms") if isinstance(postprocessing, dict) else None
+    for spec in transforms or ():
+        if isinstance(spec, dict) and str(spec.get("_target_", "")).rsplit(".", 1)[-1] in ("Lambda", "Lambdad"):
+            known = known_function(spec.get("func"))
+            if known is not None:
+                return dict(known[1])
+    return {}
+
+
 def _first(transforms, names: set) -> dict | None:
     for spec in transforms:
         if isinstance(spec, dict) and str(spec.get("_target_", "")).rsplit(".", 1)[-1] in names:
@@ -281,10 +329,13 @@ def model_from_bundle(path, name: str | None = None, version: str | None = None,
     outputs = next(iter((formats.get("outputs") or {}).values()), {}) or {}
     in_channels = int(network_def.get("in_channels", inputs.get("num_channels", 1)))
     out_channels = int(network_def.get("out_channels", outputs.get("num_channels", 2)))
-    if in_channels != 1:
-        raise BundleError(f"'{bundle.name}' takes {in_channels} input channels; several channels are not supported "
-                          "for bundles yet")
+    written = _written_labels(kept.get("postprocessing"))
     labels = _channel_names(outputs.get("channel_def"), out_channels, "class")
+    label_rows = [{"value": v, "name": n, "color": default_color(v)} for v, n in enumerate(labels)]
+    if written:    # the network's channels are regions; a known function writes these labels
+        label_rows = [{"value": 0, "name": "background", "color": default_color(0)}] + [
+            {"value": v, "name": n, "color": default_color(v)} for v, n in sorted(written.items())]
+        kept["label_values"] = [row["value"] for row in label_rows]
     steps = list(kept["preprocessing"].get("transforms") or []) if isinstance(kept["preprocessing"], dict) else []
     spacing = (_first(steps, {"Spacingd", "Spacing"}) or {}).get("pixdim")
     window = _first(steps, {"ScaleIntensityRanged", "ScaleIntensityRange"})
@@ -302,7 +353,7 @@ def model_from_bundle(path, name: str | None = None, version: str | None = None,
         "version": version or str(metadata.get("version") or "1.0.0"),
         "network": {"architecture": NETWORK,
                     "hparams": {"network_def": network_def, "in_channels": in_channels, "out_channels": out_channels}},
-        "labels": [{"value": v, "name": n, "color": default_color(v)} for v, n in enumerate(labels)],
+        "labels": label_rows,
         "domain": {"modality": modality if modality in ("CT", "MR") else "any", "contrast": None,
                    "body_part": None, "description": str(metadata.get("description") or metadata.get("name") or "")},
         "channels": _channel_names(inputs.get("channel_def"), in_channels, "image"),
@@ -377,16 +428,30 @@ def _classes_innermost(scores):
 
 
 def bundle_prediction(layer_array, layer_affine_ras, card, network, device, amp=None, want_probabilities=False,
-                      progress=None):
+                      progress=None, geometry=None):
     """``(labels, probabilities or None, info)`` on the scan's grid, from the card's bundle sections.
 
     The scan enters as the MetaTensor that MONAI's ``LoadImaged`` would give (RAS affine, no
-    channel axis), so every later transform, the inferer and ``Invertd`` are the bundle's own.
+    channel axis; several channels first), so every later transform, the inferer and
+    ``Invertd`` are the bundle's own. With the scan's ``geometry``, its voxels enter in the
+    file's own order, as ``LoadImaged`` reads them: a bundle without ``Orientationd`` (the
+    zoo's BraTS one) sees what it was trained on. The result comes back in layer order.
     """
-    import time
-
     import numpy as np
     import torch
+
+    if geometry is not None and geometry.source_format != "napari":
+        channels = layer_array if np.ndim(layer_array) == 4 else None
+        in_file = np.stack([geometry.to_file(c) for c in channels]) if channels is not None else \
+            geometry.to_file(layer_array)
+        labels, probabilities, info = bundle_prediction(in_file, geometry.affine_ras, card, network, device, amp,
+                                                        want_probabilities, progress)
+        if probabilities is not None:
+            probabilities = torch.stack([torch.from_numpy(np.ascontiguousarray(geometry.to_layer(c.numpy())))
+                                         for c in probabilities])
+        return np.ascontiguousarray(geometry.to_layer(labels)), probabilities, info
+    import time
+
     from monai.data import MetaTensor
     from monai.transforms import AsDiscreted
 
@@ -400,9 +465,12 @@ def bundle_prediction(layer_array, layer_affine_ras, card, network, device, amp=
     # Invertd inverts this same Compose object, so the transforms stay the ones that ran.
     preprocessing.transforms = tuple(t for t in preprocessing.transforms if type(t).__name__ not in LOADERS)
     affine = torch.as_tensor(np.asarray(layer_affine_ras, dtype=np.float64))
+    spatial = tuple(np.shape(layer_array)[-3:])
+    # Several channels enter as LoadImaged stacks several files: channel first.
+    channel_dim = 0 if np.ndim(layer_array) == 4 else "no_channel"
     image = MetaTensor(torch.from_numpy(np.ascontiguousarray(layer_array, dtype=np.float32)), affine=affine,
-                       meta={"original_affine": affine.clone(), "spatial_shape": np.asarray(layer_array.shape),
-                             "original_channel_dim": "no_channel", "space": "RAS", "filename_or_obj": "scan"})
+                       meta={"original_affine": affine.clone(), "spatial_shape": np.asarray(spatial),
+                             "original_channel_dim": channel_dim, "space": "RAS", "filename_or_obj": "scan"})
     report(progress, 0.0, "preparing the scan (the bundle's transforms)")
     data = preprocessing({image_key: image})
     network_input = data[image_key]
@@ -428,8 +496,8 @@ def bundle_prediction(layer_array, layer_affine_ras, card, network, device, amp=
     if labels.ndim == 4:
         labels = labels[0] if labels.shape[0] == 1 else labels.argmax(0)
     labels = labels.round().to(torch.uint8).numpy()
-    if labels.shape != tuple(layer_array.shape):
-        raise BundleError(f"the bundle's postprocessing gave a {labels.shape} mask for a {layer_array.shape} scan; "
+    if labels.shape != spatial:
+        raise BundleError(f"the bundle's postprocessing gave a {labels.shape} mask for a {spatial} scan; "
                           "it needs an Invertd back onto the input")
     info = {"windows": counting.done, "seconds": seconds, "device": str(device),
             "network_shape": list(network_input.shape[1:])}

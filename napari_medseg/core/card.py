@@ -289,6 +289,14 @@ class Pipeline:
     # Several input channels normalised each its own way (nnU-Net's per-channel schemes);
     # empty: every channel uses ``normalisation``.
     channel_normalisations: tuple = ()
+    # A region-based model (nnU-Net's regions_class_order): one sigmoid output per region,
+    # each written, in this order, as this label value where its probability exceeds 0.5;
+    # a later region (inside an earlier one) overwrites it. Empty: one softmax class per label.
+    regions: tuple = ()
+    # The network reads the voxels in the file's stored order (nnU-Net's SimpleITK reader
+    # does not reorient), so a scan with a known source geometry is prepared in that order;
+    # ``axis_order`` then names that order as if it were the layer's.
+    file_order: bool = False
 
     def normalisation_of(self, channel: int) -> "Normalisation":
         return self.channel_normalisations[channel] if self.channel_normalisations else self.normalisation
@@ -299,6 +307,10 @@ class Pipeline:
             extra["parts"] = [[list(pair) for pair in table] for table in self.parts]
         if self.channel_normalisations:
             extra["channel_normalisations"] = [n.to_dict() for n in self.channel_normalisations]
+        if self.regions:
+            extra["regions"] = list(self.regions)
+        if self.file_order:
+            extra["file_order"] = True
         return {**extra, "axis_order": self.axis_order, "roi": self.roi.to_dict(), "grid": self.grid.to_dict(),
                 "normalisation": self.normalisation.to_dict(), "patch_size": list(self.patch_size),
                 "output": self.output, "threshold": self.threshold,
@@ -396,23 +408,28 @@ class ModelCard:
         return parse_card(data, where)
 
 
-def _labels(raw, where: str) -> tuple:
+def _labels(raw, where: str, gaps: bool = False) -> tuple:
+    """The card's labels: values 0..N-1 in order, one per network output; with ``gaps`` (a
+    model whose postprocessing writes the values, such as BraTS's 0, 1, 2, 4), increasing from 0."""
     if not isinstance(raw, list) or len(raw) < 2:
         raise ModelError(f"'{where}': the card must name at least two labels (background and one more)")
     labels = []
+    previous = -1
     for index, item in enumerate(raw):
         if not isinstance(item, dict) or "name" not in item or "value" not in item:
             raise ModelError(f"'{where}': label {index} needs a value and a name")
-        if int(item["value"]) != index:
+        value = int(item["value"])
+        if (value != index and not gaps) or value <= previous or (index == 0 and value != 0):
             raise ModelError(f"'{where}': label values must be 0..N-1 in order, got "
                              f"{[i.get('value') for i in raw if isinstance(i, dict)]}")
+        previous = value
         color = tuple(float(c) for c in item.get("color", (1.0, 1.0, 1.0, 1.0)))
         expected = item.get("expected_ml")
         if expected is not None:
             expected = tuple(float(v) for v in expected)
             if len(expected) != 2 or not 0 <= expected[0] < expected[1]:
                 raise ModelError(f"'{where}': label '{item['name']}' has an impossible expected volume {expected}")
-        labels.append(Label(index, str(item["name"]), color, expected))
+        labels.append(Label(value, str(item["name"]), color, expected))
     return tuple(labels)
 
 
@@ -514,6 +531,7 @@ def _pipeline(raw, where: str) -> Pipeline:
         threshold=None if threshold is None else float(threshold),
         postprocessing=post, windows=windows, normalise_first=bool(raw.get("normalise_first", False)),
         kind=kind, bundle=bundle, parts=parts, channel_normalisations=channel_normalisations,
+        regions=tuple(int(v) for v in raw.get("regions") or ()), file_order=bool(raw.get("file_order", False)),
     )
 
 
@@ -567,10 +585,18 @@ def parse_card(data, where: str) -> ModelCard:
     if not NAME_PATTERN.match(str(data["name"])):
         raise ModelError(f"'{where}' has an invalid model name {data['name']!r}")
     network = NetworkSpec.parse(data["network"], where)
-    labels = _labels(data["labels"], where)
-    if network.hparams.get("out_channels") != len(labels):
+    regions = (data.get("pipeline") or {}).get("regions") or ()
+    written = ((data.get("pipeline") or {}).get("bundle") or {}).get("label_values")
+    labels = _labels(data["labels"], where, gaps=bool(regions) or written is not None)
+    outputs = len(regions) if regions else len(labels)     # regions: no background output
+    if written is not None:   # a bundle whose postprocessing writes the labels from its regions
+        if sorted(int(v) for v in written) != sorted(label.value for label in labels):
+            raise ModelError(f"'{where}': the bundle writes the labels {written}, which the card must name")
+    elif network.hparams.get("out_channels") != outputs:
         raise ModelError(f"'{where}': the network has {network.hparams.get('out_channels')} outputs "
-                         f"but the card names {len(labels)} labels")
+                         f"but the card names {outputs} {'regions' if regions else 'labels'}")
+    if regions and sorted({int(v) for v in regions} | {0}) != sorted(label.value for label in labels):
+        raise ModelError(f"'{where}': the regions write the values {list(regions)}, which the labels must name")
     channels = tuple(str(c) for c in data.get("channels") or ("image",))
     if int(network.hparams.get("in_channels", len(channels))) != len(channels):
         raise ModelError(f"'{where}': the network takes {network.hparams.get('in_channels')} input channels "

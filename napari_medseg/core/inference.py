@@ -543,6 +543,12 @@ def normalised_entropy(scores: torch.Tensor, output: str) -> torch.Tensor:
     return -(p * torch.log(p.clamp(min=1e-12))).sum(0) / math.log(max(p.shape[0], 2))
 
 
+def region_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """A region-based model's uncertainty: the highest binary entropy of its regions, in [0, 1]."""
+    p = torch.sigmoid(logits.float()).clamp(1e-7, 1 - 1e-7)
+    return (-(p * torch.log2(p) + (1 - p) * torch.log2(1 - p))).amax(0)
+
+
 def folds_blended_apart(image: torch.Tensor, model, settings: InferenceSettings, progress=None) -> WindowResult:
     """nnU-Net's fold average: each fold's logits blended on their own, then summed and divided
     in the blending precision (float16 for nnU-Net), so that the result is nnU-Net's own."""
@@ -605,8 +611,11 @@ def postprocess(labels: np.ndarray, image, steps: tuple) -> np.ndarray:
 
 def segment(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, settings: InferenceSettings | None = None,
             want_probabilities: bool = False, apply_postprocessing: bool = True,
-            progress: Progress | None = None, want_uncertainty: bool = False) -> Segmentation:
+            progress: Progress | None = None, want_uncertainty: bool = False, geometry=None) -> Segmentation:
     """Segment a layer-order scan with a loaded :class:`~napari_medseg.core.models.Model`.
+
+    ``geometry`` (the scan's :class:`~.geometry.ScanGeometry`, optional) lets a MONAI
+    bundle's model read the voxels in the file's own order, as its ``LoadImaged`` does.
 
     A model with several input channels takes ``(C, D, H, W)`` on one grid (see
     :func:`~.predict.stack_channels`).
@@ -620,19 +629,23 @@ def segment(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, settin
     settings = (settings or InferenceSettings()).for_card(card)
     if card.pipeline.kind == "monai_bundle":
         return _segment_with_bundle(layer_array, layer_affine_ras, model, settings, want_probabilities,
-                                    want_uncertainty, progress)
+                                    want_uncertainty, progress, geometry)
     if card.pipeline.parts and want_probabilities:
         raise MedsegError(f"{model.title} runs in {len(card.pipeline.parts)} parts; it gives labels and "
                           "uncertainty, not one probability map per class")
     report(progress, 0.0, "preparing the scan")
-    prepared = prepare(layer_array, layer_affine_ras, card, model.roi_network, pick_device(settings.device),
-                       settings.network_amp)
+    in_file_order = card.pipeline.file_order and geometry is not None and geometry.source_format != "napari"
+    work, work_affine = stored_order(layer_array, geometry) if in_file_order else (layer_array, layer_affine_ras)
+    prepared = prepare(work, work_affine, card, model.roi_network, pick_device(settings.device), settings.network_amp)
     if card.pipeline.parts:
         labels, probabilities, uncertainty, run_info = _parts_onto_scan(prepared, model, settings, want_probabilities,
                                                                         want_uncertainty, progress)
     else:
         labels, probabilities, uncertainty, run_info = _onto_scan(prepared, model, settings, want_probabilities,
                                                                   want_uncertainty, span(progress, 0.05, 0.9))
+    if in_file_order:
+        labels, probabilities, uncertainty = (None if x is None else from_stored_order(x, geometry)
+                                              for x in (labels, probabilities, uncertainty))
     raw_labels = labels.copy() if apply_postprocessing and card.pipeline.postprocessing else labels
     first_channel = layer_array[0] if np.ndim(layer_array) == 4 else layer_array
     if apply_postprocessing and card.pipeline.postprocessing:
@@ -642,6 +655,24 @@ def segment(layer_array: np.ndarray, layer_affine_ras: np.ndarray, model, settin
                 first_stage_seconds=prepared.info.get("first_stage_seconds", 0.0))
     return _finished(labels, raw_labels, probabilities, uncertainty, info, first_channel, layer_affine_ras, model,
                      progress)
+
+
+def stored_order(layer_array, geometry) -> tuple:
+    """A layer-order scan (or ``(C, D, H, W)``) in the file's stored voxel order as SimpleITK
+    reads it (``(k, j, i)``, as nnU-Net sees it), and the RAS affine of those indices."""
+    def one(array):
+        return np.ascontiguousarray(np.transpose(geometry.to_file(array), (2, 1, 0)))
+
+    array = np.stack([one(c) for c in layer_array]) if np.ndim(layer_array) == 4 else one(layer_array)
+    return array, np.asarray(geometry.affine_ras)[:, [2, 1, 0, 3]]
+
+
+def from_stored_order(array: np.ndarray, geometry) -> np.ndarray:
+    """The inverse of :func:`stored_order` for a result: ``(D, H, W)`` or ``(C, D, H, W)``."""
+    def one(values):
+        return np.ascontiguousarray(geometry.to_layer(np.transpose(values, (2, 1, 0))))
+
+    return np.stack([one(c) for c in array]) if np.ndim(array) == 4 else one(array)
 
 
 def _onto_scan(prepared, model, settings, want_probabilities, want_uncertainty, progress):
@@ -664,15 +695,18 @@ def _onto_scan(prepared, model, settings, want_probabilities, want_uncertainty, 
     report(progress, 0.95, "mapping the result onto the scan grid")
     scores = result.maps.pop(output, None)
     probabilities = uncertainty = None
+    regions = card.pipeline.regions
     if want_uncertainty:
-        uncertainty = to_scan(normalised_entropy(scores, output), prepared)
+        uncertainty = to_scan(region_entropy(scores) if regions else normalised_entropy(scores, output), prepared)
     if prepared.interpolation == "spline":
         # Rounded as nnU-Net stores its resampled logits (float16), to reproduce it.
         rounding = torch.float16 if settings.blend_dtype == "float16" else None
         if want_probabilities:
-            probabilities = probabilities_to_scan(scores, prepared, output, rounding)
-        labels = labels_to_scan(scores, prepared, dtype=rounding)
+            probabilities = probabilities_to_scan(scores, prepared, output, rounding, regions)
+        labels = labels_to_scan(scores, prepared, dtype=rounding, regions=regions)
     else:
+        if regions:
+            raise MedsegError(f"{card.title} is region-based; its way back is nnU-Net's ('spline' grids) only")
         if scores is not None and output == "logits":
             scores = torch.softmax(scores, 0)
         if want_probabilities:
@@ -733,20 +767,24 @@ def _finished(labels, raw_labels, probabilities, uncertainty, info, layer_array,
 
 
 def _segment_with_bundle(layer_array, layer_affine_ras, model, settings, want_probabilities, want_uncertainty,
-                         progress) -> Segmentation:
+                         progress, geometry=None) -> Segmentation:
     """A MONAI bundle's model: its own transforms, inferer and inverse, on our device and predictor."""
     from .bundle import bundle_prediction
 
     labels, probabilities, info = bundle_prediction(
         layer_array, layer_affine_ras, model.card, model.network, pick_device(settings.device), settings.amp,
-        want_probabilities or want_uncertainty, progress)
+        want_probabilities or want_uncertainty, progress, geometry)
     uncertainty = None
     if want_uncertainty and probabilities is not None:
-        uncertainty = normalised_entropy(probabilities, "probabilities").numpy()
+        # A bundle whose channels are regions (sigmoids) gives the highest binary entropy of them.
+        regional = model.card.pipeline.bundle.get("label_values") is not None
+        uncertainty = (region_entropy(torch.logit(probabilities.float().clamp(1e-6, 1 - 1e-6))) if regional
+                       else normalised_entropy(probabilities, "probabilities")).numpy()
     probabilities = probabilities.float().numpy() if probabilities is not None else None
-    info = dict(info, scan_shape=list(layer_array.shape), postprocessed=True)
+    info = dict(info, scan_shape=list(np.shape(layer_array)[-3:]), postprocessed=True)
+    first_channel = layer_array[0] if np.ndim(layer_array) == 4 else layer_array
     return _finished(labels, labels, probabilities if want_probabilities else None, uncertainty, info,
-                     layer_array, layer_affine_ras, model, progress)
+                     first_channel, layer_affine_ras, model, progress)
 
 
 def labels_to_scan_nearest(labels: np.ndarray, prepared: PreparedScan) -> np.ndarray:

@@ -230,6 +230,9 @@ def load_model(path: str | os.PathLike, for_training: bool = False) -> Model:
     if for_training and card.pipeline.kind == "monai_bundle":
         raise ModelError(f"{card.title} runs through its MONAI bundle's own transforms, which serve prediction "
                          "only; fine-tuning it is not offered")
+    if for_training and card.pipeline.regions:
+        raise ModelError(f"{card.title} is region-based (overlapping regions, one sigmoid each); fine-tuning it "
+                         "is not offered")
     if for_training and card.pipeline.parts:
         raise ModelError(f"{card.title} runs as {len(card.pipeline.parts)} separate networks whose labels are "
                          "merged; fine-tuning such a model is not offered")

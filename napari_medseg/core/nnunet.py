@@ -164,15 +164,38 @@ class ResultsFolder:
         return [str(names[key]) for key in sorted(names, key=int)]
 
     @property
-    def label_names(self) -> dict:
-        """{value: name} from dataset.json's ``labels`` ({name: value}); regions are not supported."""
+    def regions(self) -> list:
+        """A region-based model's ``[(name, value written), ...]``, one per network output, in
+        nnU-Net's order (dataset.json's labels without background and ``ignore``, with
+        ``regions_class_order``); empty for a model with one class per label."""
         labels = self.dataset.get("labels") or {}
+        if not any(isinstance(v, (list, tuple)) for v in labels.values()):
+            return []
+        order = self.dataset.get("regions_class_order")
+        names = [str(name) for name, value in labels.items() if name != "ignore" and value not in (0, [0], (0,))]
+        if not isinstance(order, list) or len(order) != len(names) or len(set(order)) != len(order) \
+                or not all(isinstance(v, int) and v > 0 for v in order):
+            raise MedsegError(f"dataset.json: region-based labels need a regions_class_order with one distinct "
+                              f"positive value per region ({len(names)}), got {order!r}")
+        return list(zip(names, (int(v) for v in order)))
+
+    @property
+    def label_names(self) -> dict:
+        """{value: name} from dataset.json's ``labels`` ({name: value}); for a region-based
+        model, each region's name on the value it is written as ("whole tumor (not tumor
+        core)": a later region overwrites an earlier one)."""
+        labels = self.dataset.get("labels") or {}
+        regions = self.regions
+        if regions:
+            # A value holds its region less the later regions written over it: named so.
+            names = {value: name if index == len(regions) - 1 else f"{name} (not {regions[index + 1][0]})"
+                     for index, (name, value) in enumerate(regions)}
+            return dict(sorted({0: "background", **names}.items()))
         out = {}
         for name, value in labels.items():
-            if not isinstance(value, int):
-                raise MedsegError(f"dataset.json: label '{name}' is a region ({value}); region-based nnU-Net "
-                                  "models are not supported yet")
-            out[value] = str(name)
+            if name == "ignore":
+                continue
+            out[int(value)] = str(name)
         return dict(sorted(out.items()))
 
     def checkpoint(self, fold: str, which: str = "final") -> Path:
@@ -404,8 +427,11 @@ def read_configuration(path, folds=None, checkpoint: str = "final", read_order: 
     if not channels:
         raise MedsegError(f"dataset.json of '{results.folder.name}' names no input channels (channel_names)")
     label_names = results.label_names
-    if sorted(label_names) != list(range(len(label_names))):
+    regions = results.regions
+    if not regions and sorted(label_names) != list(range(len(label_names))):
         raise MedsegError(f"dataset.json: label values must run 0..N-1, got {sorted(label_names)}")
+    if "ignore" in (results.dataset.get("labels") or {}):
+        raise MedsegError("dataset.json names an 'ignore' label; models trained with one are not imported yet")
     normalisations = channel_normalisations(plans, configuration_name)
     if len(normalisations) != len(channels):
         raise MedsegError(f"plans.json normalises {len(normalisations)} channels, but dataset.json names "
@@ -415,8 +441,8 @@ def read_configuration(path, folds=None, checkpoint: str = "final", read_order: 
     if sorted(transpose) != [0, 1, 2]:
         raise MedsegError(f"plans.json: transpose_forward {transpose} is not a permutation of three axes")
     architecture = architecture_of(plans, configuration_name)
-    network = NnUNetEnsemble(**architecture, in_channels=len(channels), out_channels=len(label_names),
-                             folds=len(chosen))
+    network = NnUNetEnsemble(**architecture, in_channels=len(channels),
+                             out_channels=len(regions) if regions else len(label_names), folds=len(chosen))
     mirror_axes = None
     for index, fold in enumerate(chosen):
         report(progress, index / len(chosen), f"reading fold {fold} of {results.folder.parent.name}")
@@ -429,6 +455,8 @@ def read_configuration(path, folds=None, checkpoint: str = "final", read_order: 
         mirror_axes = read.mirroring_axes if index == 0 else mirror_axes
     pipeline = {
         "axis_order": "".join(read_order[a] for a in transpose),
+        # nnU-Net reads the stored voxel order; TotalSegmentator turns scans to RAS first.
+        "file_order": read_order == NNUNET_READ_ORDER,
         "roi": {"kind": "nonzero"},
         "grid": {"kind": "spacing", "spacing": [float(v) for v in configuration["spacing"]],
                  "interpolation": "spline", "order": int(data_kwargs.get("order", 3)),
@@ -440,6 +468,7 @@ def read_configuration(path, folds=None, checkpoint: str = "final", read_order: 
         **({"channel_normalisations": [n.to_dict() for n in normalisations]}
            if len({str(n.to_dict()) for n in normalisations}) > 1 else {}),
         "normalise_first": True,
+        **({"regions": [value for _name, value in regions]} if regions else {}),
         "patch_size": patch,
         "output": "logits",
         "windows": {"plan": "step", "step": 0.5, "pad_value": 0.0,
@@ -466,7 +495,8 @@ def configuration_card(trained: TrainedConfiguration, name: str | None = None, v
                                       f"nnU-Net v2 model {trained.dataset_name} ({trained.configuration})")},
         "channels": results.channel_names,
         "pipeline": trained.pipeline,
-        "explain": explain_methods_for("NnUNetEnsemble"),
+        # Grad-CAM's classes and the entropy map are a softmax's; a region-based model has neither.
+        "explain": [] if trained.pipeline.get("regions") else explain_methods_for("NnUNetEnsemble"),
         "provenance": trained.provenance(),
         "licence": str(licence) if licence else "not stated in dataset.json; ask whoever trained the model",
         **overrides,

@@ -650,20 +650,21 @@ def _place(target: np.ndarray, axis: int, start: int, stop: int, values: np.ndar
 
 
 def probabilities_to_scan(scores: torch.Tensor, prepared: PreparedScan, output: str = "logits",
-                          dtype=None) -> np.ndarray:
+                          dtype=None, regions: tuple = ()) -> np.ndarray:
     """Class probabilities on the scan grid (layer order) from the network grid's scores.
 
     Our grids turn logits into probabilities and resample those; 'spline' grids resample
     the logits and take the softmax after, as nnU-Net does. Outside the region the
-    background's probability is 1.
+    background's probability is 1. With ``regions``: each channel's sigmoid, 0 outside.
     """
     channels = scores.shape[0]
-    background = [1.0] + [0.0] * (channels - 1)
+    background = [0.0] * channels if regions else [1.0] + [0.0] * (channels - 1)
+    nonlinearity = torch.sigmoid if regions else (lambda x: torch.softmax(x, 0))
     if prepared.interpolation != "spline":
-        return to_scan(torch.softmax(scores, 0) if output == "logits" else scores, prepared, background)
+        return to_scan(nonlinearity(scores) if output == "logits" else scores, prepared, background)
     inside = np.empty((channels, *prepared.region_shape), dtype=np.float32)
     for axis, start, stop, part in _spline_back_slabs(scores, prepared, dtype=dtype):
-        _place(inside, axis, start, stop, (torch.softmax(part, 0) if output == "logits" else part).numpy())
+        _place(inside, axis, start, stop, (nonlinearity(part) if output == "logits" else part).numpy())
     full = np.empty((channels, *prepared.working_shape), dtype=np.float32)
     full[:] = np.asarray(background, dtype=np.float32)[:, None, None, None]
     paste(full, inside, prepared.region)
@@ -688,22 +689,33 @@ def to_scan(maps: torch.Tensor, prepared: PreparedScan, background=0.0) -> np.nd
     return np.ascontiguousarray(out[0] if squeeze else out)
 
 
+def regions_to_labels(logits: torch.Tensor, regions: tuple) -> torch.Tensor:
+    """nnU-Net's labels of a region-based model: each region's value where its sigmoid
+    exceeds 0.5, in the card's order (a later region overwrites an earlier one)."""
+    labels = torch.zeros(logits.shape[1:], dtype=torch.uint8)
+    for channel, value in enumerate(regions):
+        labels[torch.sigmoid(logits[channel].float()) > 0.5] = int(value)
+    return labels
+
+
 def labels_to_scan(scores: torch.Tensor, prepared: PreparedScan, threshold: float | None = None,
-                   slab: int = 16, dtype=None) -> np.ndarray:
+                   slab: int = 16, dtype=None, regions: tuple = ()) -> np.ndarray:
     """Labels on the scan grid (layer order) from per-class scores on the network grid.
 
     ``scores`` are probabilities or logits ``(C, d, h, w)``. They are resampled (linearly,
     or nearest for ``nearest`` grids) one slab of scan slices at a time, so the
     full-resolution float maps never exist at once; then the argmax, or for a binary
     model with a ``threshold``, foreground where class 1 (or the one channel given, the
-    foreground probability) exceeds it. Outside the region everything is background.
+    foreground probability) exceeds it; with ``regions`` (spline grids), see
+    :func:`regions_to_labels`. Outside the region everything is background.
     """
     region_shape = prepared.region_shape
     labels = np.zeros(prepared.working_shape, dtype=np.uint8)
     inside = np.zeros(region_shape, dtype=np.uint8)
     if prepared.interpolation == "spline":  # the argmax of the resampled logits, as nnU-Net's
         for axis, start, stop, part in _spline_back_slabs(scores, prepared, slab, dtype):
-            _place(inside, axis, start, stop, part.argmax(0).to(torch.uint8).numpy())
+            chosen = regions_to_labels(part, regions) if regions else part.argmax(0).to(torch.uint8)
+            _place(inside, axis, start, stop, chosen.numpy())
         paste(labels, inside, prepared.region)
         return np.ascontiguousarray(from_working(labels, prepared.axis_order))
     depth = scores.shape[1]

@@ -110,6 +110,6 @@ def predict_scan(scan: ScanImage, model, settings=None, *, force: bool = False, 
         raise OutOfScope(problems)
     result = segment(scan.data, scan.geometry.layer_affine_ras, model, settings,
                      want_probabilities=want_probabilities, want_uncertainty=want_uncertainty,
-                     progress=progress)
+                     progress=progress, geometry=scan.geometry)
     warnings = list(scan.warnings) + problems + list(result.info.get("messages", [])) + list(result.warnings)
     return Prediction(model, result, warnings)
