@@ -394,7 +394,7 @@ def _two_channel_folder(root: Path) -> Path:
     """An nnU-Net folder for CT plus a second image, each channel with its own scheme
     (CTNormalization; ZScoreNormalization with the mask rule), the network nnU-Net's planner
     describes (PLANS), seeded."""
-    from totalseg_factory import plans
+    from totalseg_factory import plans, write_configuration
 
     two = plans((4.0, 1.2, 1.2), (16, 32, 32), "CT")
     configuration = two["configurations"]["3d_fullres"]
@@ -406,17 +406,11 @@ def _two_channel_folder(root: Path) -> Path:
     dataset = {"channel_names": {"0": "CT", "1": "second"}, "labels": {"background": 0, "a": 1, "b": 2},
                "numTraining": 1, "file_ending": ".nii.gz"}
     folder = root / "Dataset002_TwoChannel" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
-    (folder / "fold_0").mkdir(parents=True)
     torch.manual_seed(2)
     network = build_network(two, "3d_fullres", 2, 3)
     with torch.no_grad():
         network.decoder.seg_layers[-1].bias[0] = 0.0
-    torch.save({"network_weights": network.state_dict(), "trainer_name": "nnUNetTrainer", "current_epoch": 1,
-                "init_args": {"plans": two, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset,
-                              "device": torch.device("cpu")},
-                "inference_allowed_mirroring_axes": (0, 1, 2)}, folder / "fold_0" / "checkpoint_final.pth")
-    (folder / "plans.json").write_text(json.dumps(two))
-    (folder / "dataset.json").write_text(json.dumps(dataset))
+    write_configuration(folder, two, dataset, network)
     return folder
 
 
@@ -499,7 +493,7 @@ def test_a_region_based_nnunet_model_is_nnunetv2_predicts_and_names_each_region(
     probabilities."""
     import SimpleITK as sitk
 
-    from totalseg_factory import plans, scan
+    from totalseg_factory import plans, scan, write_configuration
 
     regional = plans((6.0, 1.6, 1.6), (16, 32, 32), "MR")
     regional["configurations"]["3d_fullres"].update(normalization_schemes=["ZScoreNormalization"] * 2,
@@ -511,17 +505,11 @@ def test_a_region_based_nnunet_model_is_nnunetv2_predicts_and_names_each_region(
                "labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3},
                "regions_class_order": [1, 2, 3], "numTraining": 1, "file_ending": ".nii.gz"}
     folder = tmp_path / "results" / "Dataset003_Regions" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
-    (folder / "fold_0").mkdir(parents=True)
     torch.manual_seed(3)
     network = build_network(regional, "3d_fullres", 2, 3)
     with torch.no_grad():
         network.decoder.seg_layers[-1].bias[:] = torch.tensor([0.6, -0.5, 0.1])
-    torch.save({"network_weights": network.state_dict(), "trainer_name": "nnUNetTrainer", "current_epoch": 1,
-                "init_args": {"plans": regional, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset,
-                              "device": torch.device("cpu")},
-                "inference_allowed_mirroring_axes": (0, 1, 2)}, folder / "fold_0" / "checkpoint_final.pth")
-    (folder / "plans.json").write_text(json.dumps(regional))
-    (folder / "dataset.json").write_text(json.dumps(dataset))
+    write_configuration(folder, regional, dataset, network)
     t1 = scan(tmp_path / "case_0000.nii.gz", "brain1", size=(96, 96, 16))
     image = sitk.ReadImage(str(t1))
     flair = tmp_path / "case_0001.nii.gz"

@@ -85,7 +85,6 @@ def build_task(root: Path, task: str, spacing=(4.0, 2.0, 2.0), patch=(16, 32, 32
     for index, dataset_id in enumerate(ids):
         names = part_names[dataset_id]
         folder = results / FOLDER_NAMES[dataset_id] / f"{trainer}__nnUNetPlans__3d_fullres"
-        (folder / "fold_0").mkdir(parents=True, exist_ok=True)
         part_plans = plans(spacing, patch, modality)
         part_plans["dataset_name"] = FOLDER_NAMES[dataset_id]
         labels = {"background": 0, **{name: value for value, name in sorted(names.items())}}
@@ -95,13 +94,21 @@ def build_task(root: Path, task: str, spacing=(4.0, 2.0, 2.0), patch=(16, 32, 32
         with torch.no_grad():
             # Each part labels a share of the scan and leaves the rest to the parts before it.
             network.decoder.seg_layers[-1].bias[0] = 0.6 + 0.25 * index
-        torch.save({"network_weights": network.state_dict(), "current_epoch": 1, "trainer_name": "nnUNetTrainer",
-                    "init_args": {"plans": part_plans, "configuration": "3d_fullres", "fold": 0,
-                                  "dataset_json": dataset, "device": torch.device("cpu")},
-                    "inference_allowed_mirroring_axes": None}, folder / "fold_0" / "checkpoint_final.pth")
-        (folder / "plans.json").write_text(json.dumps(part_plans, indent=1))
-        (folder / "dataset.json").write_text(json.dumps(dataset, indent=1))
+        write_configuration(folder, part_plans, dataset, network, mirroring=None)
     return results
+
+
+def write_configuration(folder: Path, plans: dict, dataset: dict, network, mirroring=(0, 1, 2)) -> Path:
+    """A trained configuration in nnU-Net's format: fold 0's checkpoint of ``network`` (as
+    nnU-Net's trainer saves it), ``plans.json`` and ``dataset.json``."""
+    (folder / "fold_0").mkdir(parents=True, exist_ok=True)
+    torch.save({"network_weights": network.state_dict(), "current_epoch": 1, "trainer_name": "nnUNetTrainer",
+                "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset,
+                              "device": torch.device("cpu")},
+                "inference_allowed_mirroring_axes": mirroring}, folder / "fold_0" / "checkpoint_final.pth")
+    (folder / "plans.json").write_text(json.dumps(plans, indent=1))
+    (folder / "dataset.json").write_text(json.dumps(dataset, indent=1))
+    return folder
 
 
 def scan(target: Path, name: str = "brain1", size=(80, 80, 16), canonical: bool = False) -> Path:
