@@ -31,6 +31,9 @@ sys.path.insert(0, str(HERE))
 DATASET = "Dataset001_LungCT"
 TRAINER = "nnUNetTrainer"
 ITERATIONS = 200         # per epoch (nnU-Net: 250), one epoch
+SEED = 20261207          # training is seeded: an unseeded epoch once learned no bone at all
+MIN_PSEUDO_DICE = 0.3    # per class, on the fold's validation patches
+ATTEMPTS = 4
 VALIDATION_ITERATIONS = 5
 CONFIGURATION = "3d_fullres"
 # (scan, x offset, y offset) of each 96 x 96 crop; the last one is held out.
@@ -142,10 +145,13 @@ def _build(root: Path) -> dict:
         configuration["batch_size"] = 2
         configuration["architecture"]["arch_kwargs"].update(SHRUNK)
         plans_path.write_text(json.dumps(plans, indent=2))
+        # Augmentation in the trainer's own process (nnUNet_n_proc_DA=0): its worker
+        # processes draw unseeded random numbers, so the epoch would differ from run to run.
+        training_env = {**env, "nnUNet_n_proc_DA": "0"}
         for fold in ("0", "1"):
             began = time.perf_counter()
             done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--train-fold", fold],
-                                  env=env, capture_output=True, encoding="utf-8", errors="replace")
+                                  env=training_env, capture_output=True, encoding="utf-8", errors="replace")
             log.write(f"fold {fold} ({time.perf_counter() - began:.0f} s)\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}\n")
             if done.returncode:
                 raise SystemExit(f"training fold {fold} failed; see {log.name}")
@@ -154,20 +160,37 @@ def _build(root: Path) -> dict:
 
 
 def train_fold(fold: int) -> None:
-    """nnU-Net's own trainer for one fold, with one short epoch (run in its own process)."""
+    """nnU-Net's own trainer for one fold, with one short epoch (run in its own process).
+
+    The epoch is seeded. Where its validation finds a class missed (pseudo Dice below
+    MIN_PSEUDO_DICE), the fold is trained again from the next seed, so that every test
+    can rely on a model that finds body and bone.
+    """
+    import random
+
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     pre = Path(os.environ["nnUNet_preprocessed"]) / DATASET
-    plans = load_json(str(pre / "nnUNetPlans.json"))
-    plans["continue_training"] = False  # as nnU-Net's run_training sets it
-    trainer = nnUNetTrainer(plans, CONFIGURATION, fold,
-                            load_json(str(pre / "dataset.json")), device=torch.device("cpu"))
-    trainer.num_epochs = 1
-    trainer.num_iterations_per_epoch = ITERATIONS
-    trainer.num_val_iterations_per_epoch = VALIDATION_ITERATIONS
-    trainer.run_training()
+    for attempt in range(ATTEMPTS):
+        plans = load_json(str(pre / "nnUNetPlans.json"))
+        plans["continue_training"] = False  # as nnU-Net's run_training sets it
+        trainer = nnUNetTrainer(plans, CONFIGURATION, fold,
+                                load_json(str(pre / "dataset.json")), device=torch.device("cpu"))
+        trainer.num_epochs = 1
+        trainer.num_iterations_per_epoch = ITERATIONS
+        trainer.num_val_iterations_per_epoch = VALIDATION_ITERATIONS
+        seed = SEED + 100 * attempt + fold
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        trainer.run_training()
+        dice = [float(d) for d in trainer.logger.get_value("dice_per_class_or_region", step=-1)]
+        print(f"fold {fold}, seed {seed}: pseudo Dice {dice}", flush=True)
+        if min(dice) >= MIN_PSEUDO_DICE:
+            return
+    raise SystemExit(f"fold {fold} missed a class after {ATTEMPTS} seeds: pseudo Dice {dice}")
 
 
 if __name__ == "__main__":
