@@ -42,6 +42,24 @@ def add_parsers(sub) -> None:
     predict.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     predict.set_defaults(func=cmd_predict)
 
+    refine = sub.add_parser("refine", formatter_class=Formatter,
+                            help="re-decide one label from clicks, strokes and a box (no model needed)")
+    add_input_options(refine)
+    refine.add_argument("--prompts", required=True, metavar="PROMPTS.json",
+                        help='{"points": [{"ras": [x, y, z], "positive": true}, ...], "scribbles": "STROKES.nii.gz", '
+                             '"box": {"ras_min": [...], "ras_max": [...]}}; points in RAS mm, in the order placed; '
+                             "scribbles on the scan's grid, 1 = this label, 2 = not this label")
+    refine.add_argument("--mask", default=None, metavar="CURRENT.nii.gz",
+                        help="the mask before the prompts (default: nothing yet)")
+    refine.add_argument("--label", type=int, default=1, metavar="N", help="the label the prompts decide")
+    refine.add_argument("-o", "--output", required=True, metavar="OUT.nii.gz",
+                        help="the mask with label N re-decided, on the input's grid")
+    refine.add_argument("--force", action="store_true",
+                        help="let the prompts take voxels of other labels (by default they are barriers)")
+    refine.add_argument("--json", action="store_true", help="seconds spent and voxels changed, as JSON")
+    refine.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    refine.set_defaults(func=cmd_refine)
+
     explain = sub.add_parser("explain", formatter_class=Formatter,
                              help="an explanation or uncertainty map, in the scan's geometry",
                              description="Write a float map in the input's geometry that shows why the model "
@@ -206,6 +224,49 @@ def cmd_predict(args) -> int:
         for row in rows:
             flag = f"  WARNING: {row['warning']}" if "warning" in row else ""
             print(f"  {row['value']:>3}  {row['name']:<20} {row['ml']:10.1f} mL  {row['voxels']:>10} voxels{flag}")
+    return 0
+
+
+def cmd_refine(args) -> int:
+    import time
+
+    import numpy as np
+
+    from ..core.io import MASK_SUFFIXES, mask_file, read_volume
+    from ..core.outputs import check_outputs, write_files
+    from ..core.prompts import read_prompts, refine
+
+    if not args.output.lower().endswith(MASK_SUFFIXES):
+        raise MedsegError(f"cannot write '{args.output}': use .nii.gz, .nii, .nrrd or .mha")
+    check_outputs({"-o": args.output}, [args.input, args.prompts, args.mask])
+    began = time.perf_counter()
+    volume = read_volume(args.input, volume_index=args.volume, series=args.series)
+    geometry = volume.geometry
+    prompts = read_prompts(args.prompts, geometry)
+    mask = None
+    if args.mask:
+        current = read_volume(args.mask)
+        if tuple(current.geometry.file_shape) != tuple(geometry.file_shape):
+            raise MedsegError(f"the mask '{Path(args.mask).name}' has shape {tuple(current.geometry.file_shape)}, "
+                              f"but the scan has {tuple(geometry.file_shape)}")
+        mask = geometry.to_layer(np.rint(current.data).astype(np.int32))
+        if mask.min() < 0 or mask.max() > 65535:
+            raise MedsegError(f"the mask '{Path(args.mask).name}' holds values outside 0..65535")
+    before = mask if mask is not None else np.zeros(geometry.layer_shape, np.uint16)
+    labels, updates = refine(volume.layer_data(), geometry.layer_spacing, prompts.points, mask=mask,
+                             label=args.label, strokes=prompts.strokes, box=prompts.box,
+                             other_labels_fixed=not args.force, progress=stderr_progress("refine", args.quiet))
+    write_files([mask_file(args.output, labels, geometry)])
+    changed = int(np.count_nonzero(labels != before))
+    seconds = time.perf_counter() - began
+    if args.json:
+        print(json.dumps({"output": Path(args.output).name, "label": args.label, "prompts": len(updates),
+                          "voxels_changed": changed, "seconds": round(seconds, 3),
+                          "seconds_per_prompt": [round(u.seconds, 4) for u in updates],
+                          "label_voxels": int(np.count_nonzero(labels == args.label))}, indent=2))
+    else:
+        print(f"wrote {Path(args.output).name} (label {args.label}: {len(updates)} prompts, {changed} voxels "
+              f"changed, {seconds:.2f} s)")
     return 0
 
 
