@@ -112,6 +112,12 @@ def main() -> None:
               f"folds {' '.join(args.folds)}; {args.runs} interleaved runs; CPU, {os.cpu_count()} cores")
         print(f"{'scan':<24} {'setting':<26} {'ours s':>7} {'nnU-Net s':>9} {'ratio':>6} "
               f"{'ours MB':>8} {'nnU-Net MB':>10} {'ratio':>6}  Dice body / bone vs nnU-Net")
+
+        def our_predict(scan, output, flags) -> tuple[float, float]:
+            """Our ``predict`` with the imported model, as a whole process: (seconds, peak MiB)."""
+            return tree_peak([str(bin_dir / "napari-medseg"), "predict", str(scan), "-o", str(output),
+                              "--model", "bench-nnunet", "--force", "--quiet", *flags], home)
+
         for label, scan in scans.items():
             source = tmp / "in" / label.split()[0]
             source.mkdir(parents=True)
@@ -128,9 +134,7 @@ def main() -> None:
                                                "-f", *args.folds, "-device", "cpu", *theirs_flags], env)
                     theirs_t.append(seconds)
                     theirs_m.append(peak)
-                    seconds, peak = tree_peak([str(bin_dir / "napari-medseg"), "predict", str(scan), "-o",
-                                               str(tmp / "ours.nii.gz"), "--model", "bench-nnunet", "--force",
-                                               "--quiet", *our_flags], home)
+                    seconds, peak = our_predict(scan, tmp / "ours.nii.gz", our_flags)
                     ours_t.append(seconds)
                     ours_m.append(peak)
                 theirs = np.asarray(nib.load(out_theirs / "case.nii.gz").dataobj)
@@ -146,9 +150,7 @@ def main() -> None:
             for row, flags in rows:
                 times, peaks = [], []
                 for _ in range(args.runs):
-                    seconds, peak = tree_peak([str(bin_dir / "napari-medseg"), "predict", str(scan), "-o",
-                                               str(tmp / "ours_fast.nii.gz"), "--model", "bench-nnunet", "--force",
-                                               "--quiet", *flags], home)
+                    seconds, peak = our_predict(scan, tmp / "ours_fast.nii.gz", flags)
                     times.append(seconds)
                     peaks.append(peak)
                 ours = np.asarray(nib.load(tmp / "ours_fast.nii.gz").dataobj)
