@@ -60,12 +60,12 @@ def random_walker_region(image, region, clicks, labels_before):
     the current mask, are its seeds; it re-decides the whole region."""
     from skimage.segmentation import random_walker
 
-    from napari_medseg.core.prompts import _border
+    from napari_medseg.core.prompts import region_border
 
     crop = image[region].astype(np.float64)
     crop = (crop - crop.mean()) / (crop.std() + 1e-6)
     seeds = np.zeros(crop.shape, np.int32)
-    border = _border(crop.shape)
+    border = region_border(crop.shape)
     seeds[border] = np.where(labels_before[region][border], 1, 2)
     origin = np.array([s.start for s in region])
     for index, positive in clicks:

@@ -269,3 +269,22 @@ def sphere_model(tmp_path_factory):
     save_model(path, network, card, half_precision=False)
     assert voxel_spacing(np.eye(4)) == (1.0, 1.0, 1.0)
     return path
+
+
+def world_sphere(shape, affine, centre_ras, radius_mm):
+    """The voxels (file order) whose centres lie within ``radius_mm`` of ``centre_ras``."""
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, 3)
+    ras = ijk @ affine[:3, :3].T + affine[:3, 3]
+    return (np.linalg.norm(ras - centre_ras, axis=1) < radius_mm).reshape(shape)
+
+
+def oblique_sphere_scan(folder: Path, shape=(56, 44, 30)):
+    """A 14 mm sphere of another intensity, with noise, on an oblique 1 x 1.3 x 2 mm grid:
+    ``(path, truth in file order, centre RAS, affine)``."""
+    affine = AFFINES["oblique"]
+    centre = affine[:3, :3] @ (np.array(shape) / 2) + affine[:3, 3]
+    truth = world_sphere(shape, affine, centre, 14.0)
+    rng = np.random.default_rng(3)
+    image = np.where(truth, 140.0, 60.0) + rng.normal(0, 12, shape)
+    path = write_nifti(folder / "scan.nii.gz", image.astype(np.float32), affine)
+    return path, truth, centre, affine

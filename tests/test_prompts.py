@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import AFFINES, write_nifti
+from conftest import oblique_sphere_scan, write_nifti
 from napari_medseg.core.errors import MedsegError
 from napari_medseg.core.io import read_volume
 from napari_medseg.core.prompts import Point, PromptSession, read_prompts, refine
@@ -25,24 +25,9 @@ def _cli(*args):
                           text=True)
 
 
-def world_sphere(shape, affine, centre_ras, radius_mm):
-    """The voxels (file order) whose centres lie within ``radius_mm`` of ``centre_ras``."""
-    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, 3)
-    ras = ijk @ affine[:3, :3].T + affine[:3, 3]
-    return (np.linalg.norm(ras - centre_ras, axis=1) < radius_mm).reshape(shape)
-
-
 @pytest.fixture
 def oblique_sphere(tmp_path):
-    """A 14 mm sphere of another intensity, with noise, on an oblique 1 x 1.3 x 2 mm grid."""
-    affine = AFFINES["oblique"]
-    shape = (56, 44, 30)
-    centre = affine[:3, :3] @ (np.array(shape) / 2) + affine[:3, 3]
-    truth = world_sphere(shape, affine, centre, 14.0)
-    rng = np.random.default_rng(3)
-    image = np.where(truth, 140.0, 60.0) + rng.normal(0, 12, shape)
-    path = write_nifti(tmp_path / "scan.nii.gz", image.astype(np.float32), affine)
-    return path, truth, centre, affine
+    return oblique_sphere_scan(tmp_path)
 
 
 def test_a_click_inside_a_sphere_gives_the_sphere_on_an_oblique_anisotropic_grid(oblique_sphere, tmp_path):

@@ -206,3 +206,33 @@ def test_submit_refuses_a_label_of_another_shape(tmp_path):
     image, label, affine = sphere_case(0)
     with pytest.raises(MedsegError, match="shape"):
         workspace.submit(image, geometry_of(affine, image.shape), label[:-1])
+
+
+def test_prompts_are_stored_with_the_correction_and_fine_tuning_weighs_their_voxels(tmp_path):
+    """The accepted prompts (a real PromptSession's record) and their mask come back exactly;
+    fine-tuning counts the clicked and stroked voxels as changed ones."""
+    from napari_medseg.core.finetune import _scan_case
+    from napari_medseg.core.prompts import PromptSession
+
+    image, label, affine = sphere_case(4)
+    geometry = ScanGeometry(affine, image.shape)
+    session = PromptSession(image, geometry.layer_spacing, label, 1)
+    centre = tuple(int(c) for c in np.argwhere(label).mean(0).round())
+    strokes = np.zeros(label.shape, np.uint8)
+    strokes[centre[0], :3, :3] = 2
+    session.add_point(centre, positive=True)
+    session.add_strokes(strokes)
+    prompted = session.labels.astype(np.uint8)
+    workspace = Workspace(tmp_path / "ws")
+    item = workspace.submit(image, geometry, prompted, label, prompts=[session.record()], prompted=prompted)
+    assert {"prompts.json", "strokes-1", "prompted"} <= set(item.files) and workspace.verify() == []
+    loaded = workspace.load_item(item)
+    np.testing.assert_array_equal(loaded["prompted"], prompted)
+    [stored] = loaded["prompts"]
+    assert stored["label"] == 1 and stored["points"] == [{"index": list(centre), "positive": True}]
+    np.testing.assert_array_equal(stored["strokes"], strokes)
+    case = _scan_case(workspace, item)
+    seeds = strokes > 0
+    seeds[centre] = True
+    np.testing.assert_array_equal(case.changed, (label != prompted) | seeds)
+    workspace.close()

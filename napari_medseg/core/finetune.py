@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import MedsegError
 from .progress import Progress, report, span
-from .workspace import Workspace
+from .workspace import Workspace, prompt_seeds
 
 from .defaults import FINETUNE_LEARNING_RATE, FINETUNE_REPLAY, FINETUNE_STEPS, FINETUNE_TOLERANCE
 
@@ -49,9 +49,12 @@ def _scan_case(workspace: Workspace, item):
     scan = loaded["scan"]
     label = loaded["label"].astype(np.uint8)
     prediction = loaded.get("prediction")
+    changed = (prediction != label) if prediction is not None else None
+    if loaded.get("prompts"):  # the voxels the reviewer clicked or stroked weigh as changed ones
+        seeds = prompt_seeds(loaded["prompts"], label.shape)
+        changed = seeds if changed is None else changed | seeds
     return ScanCase(name=item.id[:8], image=np.ascontiguousarray(scan.layer_data(), dtype=np.float32), label=label,
-                    layer_affine_ras=scan.geometry.layer_affine_ras,
-                    changed=(prediction != label) if prediction is not None else None)
+                    layer_affine_ras=scan.geometry.layer_affine_ras, changed=changed)
 
 
 def training_patch(card, network) -> tuple:

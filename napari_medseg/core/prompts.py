@@ -130,18 +130,34 @@ class PromptSession:
         shell = _box_shell(lo, hi, self.image.shape)
         return self._apply(_Prompt("box", centre, shell, centre, lo, hi), progress)
 
-    def undo(self) -> bool:
-        """Take back the last prompt; ``False`` when there is none."""
+    def undo(self) -> tuple | None:
+        """Take back the last prompt: the region it had changed, or ``None`` when there is none."""
         if not self._steps:
-            return False
+            return None
         step = self._steps.pop()
         self._prompts.pop()
         self.labels[step.region] = step.before
-        return True
+        return step.region
 
     @property
     def prompt_count(self) -> int:
         return len(self._prompts)
+
+    def record(self) -> dict:
+        """The prompts so far, in voxel indices of the scan's grid (nothing that identifies
+        the patient): ``{"label", "points": [{"index", "positive"}], "boxes": [{"index_min",
+        "index_max"}], "strokes": uint8 volume (1 this label, 2 not) or None}``."""
+        points, boxes, strokes = [], [], None
+        for prompt in self._prompts:
+            if prompt.kind == "point":
+                points.append({"index": prompt.anchor[0].tolist(), "positive": bool(len(prompt.foreground))})
+            elif prompt.kind == "box":
+                boxes.append({"index_min": prompt.lo.tolist(), "index_max": prompt.hi.tolist()})
+            else:
+                strokes = np.zeros(self.image.shape, np.uint8) if strokes is None else strokes
+                strokes[tuple(prompt.background.T)] = 2
+                strokes[tuple(prompt.foreground.T)] = 1
+        return {"label": self.label, "points": points, "boxes": boxes, "strokes": strokes}
 
     # -- the update ------------------------------------------------------------
     def _voxel(self, index) -> np.ndarray:
@@ -193,16 +209,16 @@ class PromptSession:
         current = labels == self.label
         barrier = ((labels != 0) & ~current) if self.other_labels_fixed else np.zeros(labels.shape, bool)
         seeds = np.zeros(labels.shape, np.int8)   # 1: label, 2: not the label
-        border = _border(labels.shape)
+        border = region_border(labels.shape)
         seeds[border] = np.where(current[border], 1, 2)
         origin = np.array([s.start for s in region])
-        for earlier in self._prompts:  # the newest prompt goes last and wins ties
+        if prompt.kind == "point":
+            self._soft_seeds(seeds, current, barrier, prompt, origin, self.image[region], border)
+        for earlier in self._prompts:  # prompts win over the mask; the newest goes last and wins ties
             for points, value in ((earlier.background, 2), (earlier.foreground, 1)):
                 inside = points - origin
                 inside = inside[np.all((inside >= 0) & (inside < labels.shape), axis=1)]
                 seeds[tuple(inside.T)] = value
-        if prompt.kind == "point":
-            self._soft_seeds(seeds, current, barrier, prompt, origin)
         seeds[barrier] = 0
         foreground = _geodesic_decision(self.image[region], self.spacing, seeds, barrier)
         change = (foreground != current) & ~barrier
@@ -215,12 +231,17 @@ class PromptSession:
 
 
     def _soft_seeds(self, seeds: np.ndarray, current: np.ndarray, barrier: np.ndarray, prompt: _Prompt,
-                    origin: np.ndarray) -> None:
+                    origin: np.ndarray, image: np.ndarray, border: np.ndarray) -> None:
         """The current mask as seeds, freed around a click.
 
         The side the click agrees with keeps all its voxels as seeds. The other side keeps
         only those farther from the click than three times the click's distance to the agreeing
-        side: the error the click points at is freed, the rest stays as it was.
+        side: the error the click points at is freed, the rest stays as it was. Where the
+        click's intensity stands out from the other side's, the part of the other side that
+        looks like the click (nearer the click's intensity than that side's median) and is
+        connected to it is freed too: a leak along a bar of background is freed along it.
+        The region's border seeds are freed there as well, so the change can reach the
+        border and the region grows.
         """
         from scipy import ndimage
 
@@ -234,6 +255,21 @@ class PromptSession:
         grid = np.ogrid[tuple(slice(0, n) for n in current.shape)]
         from_click = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, click, self.spacing))
         free = from_click <= (3.0 * distance + 2.0 * max(self.spacing)) ** 2
+        if other[click]:
+            smooth = _smoothed(image, self.spacing)
+            at_click = float(smooth[click])
+            if positive:  # the other side is the background around the click
+                typical = float(np.median(smooth[other]))
+            else:  # the label, as a whole: a leak's region may hold more of the leak than of the label
+                step = max(1, int(round((self.labels.size / 64 ** 3) ** (1 / 3))))
+                sample = self.labels[::step, ::step, ::step] == self.label
+                typical = float(np.median(self.image[::step, ::step, ::step][sample])) if sample.any() \
+                    else float(np.median(smooth[other]))
+            if abs(at_click - typical) > 3.0 * _contrast(smooth):
+                alike, _count = ndimage.label(other & (np.abs(smooth - at_click) < np.abs(smooth - typical)))
+                if alike[click]:
+                    free |= alike == alike[click]
+        seeds[border & free & other] = 0
         keep = seeds == 0
         seeds[agreeing & keep] = 1 if positive else 2
         seeds[other & ~free & keep] = 2 if positive else 1
@@ -364,7 +400,8 @@ def _smoothed(image: np.ndarray, spacing: tuple) -> np.ndarray:
 
 
 # -- grids ------------------------------------------------------------------------
-def _border(shape: tuple) -> np.ndarray:
+def region_border(shape: tuple) -> np.ndarray:
+    """The voxels on the faces of a box of ``shape``."""
     border = np.zeros(shape, bool)
     for axis in range(3):
         index = [slice(None)] * 3

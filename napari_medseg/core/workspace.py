@@ -7,6 +7,9 @@ Layout::
         items/<id>/scan.nii.gz       de-identified scan (voxels and geometry only)
         items/<id>/label.nii.gz      the reviewer's corrected label
         items/<id>/prediction.nii.gz the model's original prediction
+        items/<id>/prompts.json      the accepted prompts (voxel indices, label, kind), if any
+        items/<id>/strokes-K.nii.gz  the strokes of prompt session K (1 this label, 2 not)
+        items/<id>/prompted.nii.gz   the mask the prompts produced (before later brush edits)
         models/<name>/vN.safetensors model versions (kept for rollback), CURRENT names the one in use
 
 **Durability.** An item's files are written into a staging folder (temporary files,
@@ -38,13 +41,57 @@ from .outputs import fsync_path, sha256_of_file, staging_folder, sweep_staging, 
 from .geometry import ScanGeometry
 from .storage import SQLiteStore, StorageError
 
-FILES = ("scan", "label", "prediction")
+FILES = ("scan", "label", "prediction", "prompted")
 VALIDATION_EVERY = 5   # with split "auto", every fifth item joins the frozen validation set
 
 
 def deidentified_geometry(geometry: ScanGeometry) -> ScanGeometry:
     """The same voxel grid, with nothing kept from the source file's header."""
     return ScanGeometry(affine_ras=geometry.affine_ras, file_shape=geometry.file_shape, source_format="nifti")
+
+
+def _prompt_parts(folder: Path, prompts: list | None, prompted, shape: tuple, geometry: ScanGeometry) -> list:
+    """The files of accepted prompts: ``prompts.json``, one strokes volume per session that has
+    strokes, and the mask the prompts produced."""
+    import json
+
+    from .io import mask_file
+
+    if not prompts:
+        return []
+    sessions, parts = [], []
+    for k, record in enumerate(prompts, start=1):
+        strokes = record.get("strokes")
+        entry = {"label": int(record["label"]),
+                 "points": [{"index": [int(i) for i in p["index"]], "positive": bool(p["positive"])}
+                            for p in record.get("points", [])],
+                 "boxes": [{"index_min": [int(i) for i in b["index_min"]],
+                            "index_max": [int(i) for i in b["index_max"]]} for b in record.get("boxes", [])],
+                 "strokes": None}
+        if strokes is not None:
+            if np.shape(strokes) != shape:
+                raise MedsegError(f"prompt strokes have shape {np.shape(strokes)}, the label {shape}")
+            entry["strokes"] = f"strokes-{k}"
+            parts.append(mask_file(folder / f"strokes-{k}.nii.gz", np.asarray(strokes, np.uint8), geometry))
+        sessions.append(entry)
+    text = json.dumps({"sessions": sessions}, indent=1)
+    parts.append((folder / "prompts.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), ".json"))
+    if prompted is not None:
+        if np.shape(prompted) != shape:
+            raise MedsegError(f"the prompted mask has shape {np.shape(prompted)}, the label {shape}")
+        parts.append(mask_file(folder / "prompted.nii.gz", np.asarray(prompted), geometry))
+    return parts
+
+
+def prompt_seeds(sessions: list, shape: tuple) -> np.ndarray:
+    """The voxels a reviewer marked with prompts (clicks and strokes) in stored sessions."""
+    seeds = np.zeros(shape, bool)
+    for session in sessions:
+        for point in session["points"]:
+            seeds[tuple(point["index"])] = True
+        if session.get("strokes") is not None:
+            seeds |= np.asarray(session["strokes"]) > 0
+    return seeds
 
 
 @dataclass
@@ -119,8 +166,13 @@ class Workspace:
     # -- the queue ------------------------------------------------------------------------------
     def submit(self, scan: np.ndarray, geometry: ScanGeometry, label: np.ndarray, prediction: np.ndarray | None = None,
                *, model: str = "", reviewer: str = "", note: str = "", split: str = "auto",
-               label_names: dict | None = None, origin: str = "") -> Item:
-        """Store a correction durably (see the module docstring); all arrays in layer order."""
+               label_names: dict | None = None, origin: str = "", prompts: list | None = None,
+               prompted: np.ndarray | None = None) -> Item:
+        """Store a correction durably (see the module docstring); all arrays in layer order.
+
+        ``prompts`` are :meth:`~napari_medseg.core.prompts.PromptSession.record` dicts of the
+        accepted prompt sessions, ``prompted`` the mask they produced.
+        """
         from .editing import edited_voxels
         from .io import mask_file, scan_file
         from .outputs import write_files
@@ -143,9 +195,11 @@ class Workspace:
             parts = [scan_file(staging / "scan.nii.gz", scan, clean), mask_file(staging / "label.nii.gz", label, clean)]
             if prediction is not None:
                 parts.append(mask_file(staging / "prediction.nii.gz", prediction, clean))
+            parts += _prompt_parts(staging, prompts, prompted, label.shape, clean)
             write_files(parts)
-            hashes = {name: sha256_of_file(staging / f"{name}.nii.gz") for name in FILES
-                      if (staging / f"{name}.nii.gz").exists()}
+            hashes = {path.name.removesuffix(".nii.gz"): sha256_of_file(path) for path in sorted(staging.iterdir())
+                      if path.name.removesuffix(".nii.gz") in FILES or path.name == "prompts.json"
+                      or path.name.startswith("strokes-")}
             fsync_path(staging, directory=True)
         except MedsegError as exc:
             shutil.rmtree(staging, ignore_errors=True)
@@ -181,7 +235,7 @@ class Workspace:
         return found[0]
 
     def item_path(self, item: Item, name: str) -> Path:
-        return self.items_dir / item.id / f"{name}.nii.gz"
+        return self.items_dir / item.id / (name if name.endswith(".json") else f"{name}.nii.gz")
 
     def load_item(self, item: Item) -> dict:
         """The item's scan (a Volume) and its label and prediction (layer order, on the scan's grid)."""
@@ -189,10 +243,20 @@ class Workspace:
 
         scan = read_volume(self.item_path(item, "scan"))
         out = {"scan": scan}
-        for name in ("label", "prediction"):
+        for name in ("label", "prediction", "prompted"):
             path = self.item_path(item, name)
             if path.exists():
                 out[name] = np.asarray(scan.geometry.to_layer(read_volume(path).data))
+        prompts_path = self.item_path(item, "prompts.json")
+        if prompts_path.exists():
+            import json
+
+            sessions = json.loads(prompts_path.read_text(encoding="utf-8"))["sessions"]
+            for session in sessions:
+                if session.get("strokes"):
+                    strokes = read_volume(self.item_path(item, session["strokes"])).data
+                    session["strokes"] = np.asarray(scan.geometry.to_layer(strokes))
+            out["prompts"] = sessions
         return out
 
     def set_status(self, ids: list, status: str, used_by: str = "") -> None:
@@ -310,7 +374,7 @@ def _on_grid(mask, geometry: ScanGeometry, what: str) -> np.ndarray:
 
 def submit_correction(workspace: "Workspace | str | os.PathLike", scan: np.ndarray, geometry: ScanGeometry, label,
                       prediction=None, *, model: str = "", reviewer: str = "", note: str = "", split: str = "auto",
-                      origin: str = "", progress=None) -> Item:
+                      origin: str = "", prompts: list | None = None, prompted=None, progress=None) -> Item:
     """Store one correction in the queue; the one way the CLI, the widgets and autosave submit.
 
     ``label`` and ``prediction`` are arrays in layer order or volumes read from files (checked
@@ -327,7 +391,8 @@ def submit_correction(workspace: "Workspace | str | os.PathLike", scan: np.ndarr
     store = Workspace(workspace) if own else workspace
     try:
         item = store.submit(scan, geometry, label_values, prediction_values, model=model, reviewer=reviewer,
-                            note=note, split=split, origin=origin)
+                            note=note, split=split, origin=origin, prompts=prompts,
+                            prompted=_on_grid(prompted, geometry, "the prompted mask"))
         if reviewer:
             store.set_setting("reviewer", reviewer)
         report(progress, 1.0, f"stored as item {item.id[:12]}")

@@ -126,6 +126,8 @@ class ViewerAutosave(QObject):
     def track(self, layer) -> _Tracked | None:
         if not isinstance(layer, Labels) or layer.ndim != 3 or not isinstance(layer.data, np.ndarray):
             return None
+        if medseg_meta(layer).get("scratch"):  # a prompt preview or strokes: not a mask of its own
+            return None
         if id(layer) in self.tracked:
             return self.tracked[id(layer)]
         viewer = self.viewer_ref()

@@ -1,9 +1,10 @@
-"""The "Correct" dock widget: editing helpers, Submit to the queue, the queue, fine-tuning, versions.
+"""The "Correct" dock widget: editing helpers, prompts, Submit to the queue, the queue, fine-tuning, versions.
 
 Painting, filling, erasing and undo are napari's own Labels tools. The helpers here
 (fill between slices, remove islands, keep the largest part, fill holes, grow or shrink)
 change the layer through ``Labels.data_setitem``, so napari's undo takes each one back
-in one step. Fine-tuning runs ``napari-medseg finetune`` in a separate process, so a
+in one step. The prompt tools (:mod:`.prompting`) turn clicks and strokes into a preview that
+Accept writes the same way. Fine-tuning runs ``napari-medseg finetune`` in a separate process, so a
 crash there cannot take napari down; its progress and loss are shown here.
 """
 
@@ -19,8 +20,9 @@ from napari.layers import Labels
 from napari.utils.notifications import show_error, show_info
 
 from ._panel import DockPanel
-from .._layers import (correction_parts, layer_geometry, original_prediction, prediction_events,
-                       remember_prediction)
+from .prompting import PromptControls
+from .._layers import (accepted_prompts, correction_parts, edit_labels, layer_geometry, original_prediction,
+                       prediction_events, remember_prediction)
 from .._worker import BackgroundTask
 from .._workspace import models_changed, set_workspace_folder, workspace_folder
 from ...core import editing
@@ -56,6 +58,8 @@ class CorrectWidget(DockPanel):
         self._grow_mm = FloatSpinBox(label="Grow (+) / shrink (-) mm", min=-50.0, max=50.0, step=0.5, value=1.0,
                                      tooltip="Margin in mm: positive grows the label, negative shrinks it")
         self._grow = PushButton(text="Grow or shrink")
+        self.prompts = PromptControls(napari_viewer, lambda: self._labels.value, lambda: self._value.value)
+        self.prompts.label = "Prompts"
         self._stats = Label(value="")
         self._workspace = FileEdit(label="Workspace", mode="d", value=str(workspace_folder(napari_viewer)),
                                    tooltip="The workspace folder that holds the queue and the model versions")
@@ -73,7 +77,7 @@ class CorrectWidget(DockPanel):
         self._versions = Table(value={"data": [], "index": [], "columns": list(VERSION_COLUMNS)})
         self._rollback = PushButton(text="Use the selected version")
         self.extend([self._labels, self._value, self._axis, self._fill_between, self._island_mm3, self._islands,
-                     self._largest, self._holes, self._grow_mm, self._grow, self._stats, self._workspace,
+                     self._largest, self._holes, self._grow_mm, self._grow, self.prompts, self._stats, self._workspace,
                      self._reviewer, self._note, self._submit, self._queue, self._refresh, self._reopen,
                      self._steps, self._finetune, self._progress, self._train_status, self._versions,
                      self._rollback])
@@ -157,11 +161,9 @@ class CorrectWidget(DockPanel):
             new = editing.fill_holes(data, value)
         else:
             new = editing.grow_or_shrink(data, value, float(self._grow_mm.value), spacing)
-        changed = np.nonzero(new != data)
-        if changed[0].size:
-            layer.data_setitem(changed, new[changed])  # one step in napari's undo history
+        changed = edit_labels(layer, new)  # one step in napari's undo history
         self._update_stats()
-        return int(changed[0].size)
+        return changed
 
     # -- submitting ------------------------------------------------------------------------------
     def _folder(self) -> Path:
@@ -197,9 +199,10 @@ class CorrectWidget(DockPanel):
         self._submitting = layer
         # The correction stays open in the viewer whatever happens: a failed submit loses nothing.
         scan, geometry, label, prediction, model = parts
+        prompts, prompted = accepted_prompts(layer)
         self.task = BackgroundTask(
             submit_correction, self._folder(), scan, geometry, label, prediction, model=model,
-            reviewer=str(self._reviewer.value), note=str(self._note.value),
+            reviewer=str(self._reviewer.value), note=str(self._note.value), prompts=prompts, prompted=prompted,
             description=f"Submit {layer.name}", on_done=self._submitted, on_finish=self._submit_finished)
         return self.task
 
