@@ -4,7 +4,9 @@ random walker on the same regions and clicks, and napari painting (one stroke a 
 The protocol of the interactive segmentation literature: the first click at the centre
 of the target, each next one at the point of the largest error region farthest from its
 boundary, positive or negative as the error is. Targets: the lesion label maps that
-pyradiomics 3.0.1 ships (lung CT nodules, brain and breast MR tumours), from nothing.
+pyradiomics 3.0.1 ships (lung CT nodules, brain and breast MR tumours), from nothing, and
+the brain of the MNI152 head, from brain-t1's mask with a hole and a leak
+(``brain-damaged``; the first click then goes at the largest error).
 
     python benchmarks/bench_interactive.py [--targets lung1 brain1 ...] [--clicks 20]
 
@@ -23,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-TARGETS = ["lung1", "lung2", "brain1", "brain2", "breast1"]
+TARGETS = ["lung1", "lung2", "brain1", "brain2", "breast1", "brain-damaged"]
 CAP = 20
 
 
@@ -77,24 +79,67 @@ def random_walker_region(image, region, clicks, labels_before):
     return result
 
 
-def run_target(name: str, clicks: int) -> dict:
+def lesion_target(name: str) -> tuple:
+    """A pyradiomics scan and its lesion, from nothing: ``(image, truth, spacing, start)``."""
     from dicom_factory import pyradiomics_scan
 
     from napari_medseg.core.io import read_volume
-    from napari_medseg.core.prompts import PromptSession
 
     scan = read_volume(pyradiomics_scan(name))
     label_path = Path(str(pyradiomics_scan(name)).replace("_image.nrrd", "_label.nrrd"))
-    truth_volume = read_volume(label_path)
-    image = scan.layer_data().astype(np.float32)
-    truth = scan.geometry.to_layer(truth_volume.data) > 0
-    spacing = scan.geometry.layer_spacing
-    session = PromptSession(image, spacing)
-    walker = np.zeros(image.shape, bool)
+    truth = scan.geometry.to_layer(read_volume(label_path).data) > 0
+    return scan.layer_data().astype(np.float32), truth, scan.geometry.layer_spacing, None
+
+
+def damaged_brain_target() -> tuple:
+    """The MNI152 head with skull, brain-t1's own mask of it damaged by a 20 mm hole inside
+    the brain and a 15 mm leak into the skull beside it; the truth is MNI152's brain mask."""
+    import subprocess
+    import tempfile
+
+    from conftest import BRAIN_MASK
+    from scipy import ndimage
+
+    from napari_medseg.core.io import read_volume
+    from napari_medseg.viewer._sample import sample_path
+
+    scan = read_volume(sample_path())
+    truth = scan.geometry.to_layer(read_volume(BRAIN_MASK).data) > 0
+    spacing = np.asarray(scan.geometry.layer_spacing)
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "brain.nii.gz"
+        subprocess.run([sys.executable, "-m", "napari_medseg.cli", "predict", str(sample_path()), "-o", str(out),
+                        "--quiet"], check=True)
+        predicted = scan.geometry.to_layer(read_volume(out).data) > 0
+    grid = np.indices(truth.shape).reshape(3, -1).T * spacing
+    depth = ndimage.distance_transform_edt(truth, sampling=spacing)
+    inner = np.argwhere(depth >= 25.0)
+    hole_centre = inner[len(inner) // 3] * spacing            # deep in the brain, off its centre
+    edge = np.argwhere(truth & (depth <= 2.5))
+    leak_centre = edge[len(edge) // 2] * spacing               # on the brain's surface
+    start = predicted.copy()
+    start &= ~(np.linalg.norm(grid - hole_centre, axis=1) < 20.0).reshape(truth.shape)
+    start |= (np.linalg.norm(grid - leak_centre, axis=1) < 15.0).reshape(truth.shape) & ~truth
+    print(f"# brain-damaged: brain-t1's mask Dice {dice(predicted, truth):.3f}, damaged {dice(start, truth):.3f}",
+          flush=True)
+    return scan.layer_data().astype(np.float32), truth, tuple(spacing), start
+
+
+def run_target(name: str, clicks: int) -> dict:
+    from napari_medseg.core.prompts import PromptSession
+
+    image, truth, spacing, start = damaged_brain_target() if name == "brain-damaged" else lesion_target(name)
+    session = PromptSession(image, spacing, None if start is None else start.astype(np.uint8))
+    walker = np.zeros(image.shape, bool) if start is None else start.copy()
     ours_dice, walker_dice, ours_s, walker_s, history = [], [], [], [], []
+    before = [] if start is None else [dice(start, truth)]  # a click must not spoil the start either
+
+    def first_or_next(prediction):
+        return centre_click(truth, spacing) if start is None else next_click(prediction, truth, spacing)
+
     for n in range(clicks):
         current = session.labels == 1
-        click = centre_click(truth, spacing) if n == 0 else next_click(current, truth, spacing)
+        click = first_or_next(current) if n == 0 else next_click(current, truth, spacing)
         if click is None:
             break
         history.append(click)
@@ -102,7 +147,7 @@ def run_target(name: str, clicks: int) -> dict:
         ours_s.append(update.seconds)
         ours_dice.append(dice(session.labels == 1, truth))
         began = time.perf_counter()
-        walker_click = centre_click(truth, spacing) if n == 0 else next_click(walker, truth, spacing)
+        walker_click = first_or_next(walker) if n == 0 else next_click(walker, truth, spacing)
         walker_history = history[:-1] + [walker_click] if walker_click else history
         walker = random_walker_region(image, update.region, walker_history, walker)
         walker_s.append(time.perf_counter() - began)
@@ -120,7 +165,7 @@ def run_target(name: str, clicks: int) -> dict:
             "ours": {k: at(ours_dice, k) for k in (1, 3, 5, 10)}, "walker": {k: at(walker_dice, k) for k in (1, 3, 5, 10)},
             "noc85": (noc(ours_dice, 0.85), noc(walker_dice, 0.85)), "noc90": (noc(ours_dice, 0.90), noc(walker_dice, 0.90)),
             "seconds": (float(np.median(ours_s)), float(np.median(walker_s))),
-            "worst_drop": float(max([0.0] + [a - b for a, b in zip(ours_dice, ours_dice[1:])])),
+            "worst_drop": float(max([0.0] + [a - b for a, b in zip(before + ours_dice, ours_dice)])),
             "painting_strokes": painting}
 
 

@@ -237,8 +237,8 @@ class PromptSession:
         The side the click agrees with keeps all its voxels as seeds. The other side keeps
         only those farther from the click than three times the click's distance to the agreeing
         side: the error the click points at is freed, the rest stays as it was. Where the
-        click's intensity stands out from the other side's, the part of the other side that
-        looks like the click (nearer the click's intensity than that side's median) and is
+        click is negative and its intensity stands out from the label's, the part of the label
+        that looks like the click (nearer the click's intensity than the label's median) and is
         connected to it is freed too: a leak along a bar of background is freed along it.
         The region's border seeds are freed there as well, so the change can reach the
         border and the region grows.
@@ -255,16 +255,15 @@ class PromptSession:
         grid = np.ogrid[tuple(slice(0, n) for n in current.shape)]
         from_click = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, click, self.spacing))
         free = from_click <= (3.0 * distance + 2.0 * max(self.spacing)) ** 2
-        if other[click]:
+        if not positive and other[click]:
+            # Only against a leak: for a positive click the background that looks like the
+            # click is often tissue the label must not flood (measured on a brain's rim).
             smooth = _smoothed(image, self.spacing)
             at_click = float(smooth[click])
-            if positive:  # the other side is the background around the click
-                typical = float(np.median(smooth[other]))
-            else:  # the label, as a whole: a leak's region may hold more of the leak than of the label
-                step = max(1, int(round((self.labels.size / 64 ** 3) ** (1 / 3))))
-                sample = self.labels[::step, ::step, ::step] == self.label
-                typical = float(np.median(self.image[::step, ::step, ::step][sample])) if sample.any() \
-                    else float(np.median(smooth[other]))
+            # the label as a whole: a leak's region may hold more of the leak than of the label
+            step = max(1, int(round((self.labels.size / 64 ** 3) ** (1 / 3))))
+            sample = self.labels[::step, ::step, ::step] == self.label
+            typical = float(np.median(self.image[::step, ::step, ::step][sample]))
             if abs(at_click - typical) > 3.0 * _contrast(smooth):
                 alike, _count = ndimage.label(other & (np.abs(smooth - at_click) < np.abs(smooth - typical)))
                 if alike[click]:
