@@ -20,6 +20,7 @@ from napari.utils.notifications import show_error, show_info
 
 from .._layers import edit_labels, layer_geometry, make_metadata, remember_prompts, scan_layer_of
 from .._worker import BackgroundTask
+from .reading import clicked, layout_of
 from ...core.prompts import MAX_HALF_MM, START_HALF_MM, PromptSession
 
 CLICK_MODES = ("off (clicks move the crosshair)", "this label (positive)", "not this label (negative)")
@@ -232,8 +233,6 @@ class PromptControls(Container):
 
     # -- clicks in every view --------------------------------------------------------------------
     def _models(self) -> list:
-        from .reading import layout_of
-
         layout = layout_of(self.viewer)
         models = [self.viewer]
         if layout is not None:
@@ -261,13 +260,7 @@ class PromptControls(Container):
     def _on_click(self, _model, event):
         if event.button != 1 or self._clicks.value == CLICK_MODES[0]:
             return
-        start = np.asarray(event.pos, dtype=float)
-        moved = False
-        yield
-        while event.type == "mouse_move":
-            moved = moved or np.hypot(*(np.asarray(event.pos) - start)) > 3
-            yield
-        if moved:
+        if not (yield from clicked(event)):
             return
         positive = self._clicks.value == CLICK_MODES[1]
         if "Control" in {str(getattr(m, "name", m)) for m in event.modifiers}:

@@ -539,13 +539,7 @@ class ReadingLayout(QWidget):
             return
         if event.button != 1 or _editing(model):
             return
-        start = np.asarray(event.pos, dtype=float)
-        moved = False
-        yield
-        while event.type == "mouse_move":
-            moved = moved or np.hypot(*(np.asarray(event.pos) - start)) > 3
-            yield
-        if not moved:
+        if (yield from clicked(event)):
             self.set_point(event.position)
 
     def _window_level_drag(self, model, event):
@@ -689,6 +683,18 @@ def _dispose(view: _View) -> None:
         # its whole viewer) alive until the next event loop pass, so delete it now; PyQt
         # leaves it to the garbage collector, and deleting it now would keep it.
         QCoreApplication.sendPostedEvents(view.qt_viewer, QEvent.Type.DeferredDelete)
+
+
+def clicked(event):
+    """For a ``mouse_drag_callbacks`` generator: ``yield from clicked(event)`` waits for the
+    release and is True when the mouse did not move more than 3 pixels (a click, not a drag)."""
+    start = np.asarray(event.pos, dtype=float)
+    moved = False
+    yield
+    while event.type == "mouse_move":
+        moved = moved or np.hypot(*(np.asarray(event.pos) - start)) > 3
+        yield
+    return not moved
 
 
 def _history_lengths(layer) -> tuple:
