@@ -165,7 +165,7 @@ def run_target(name: str, clicks: int) -> dict:
             "ours": {k: at(ours_dice, k) for k in (1, 3, 5, 10)}, "walker": {k: at(walker_dice, k) for k in (1, 3, 5, 10)},
             "noc85": (noc(ours_dice, 0.85), noc(walker_dice, 0.85)), "noc90": (noc(ours_dice, 0.90), noc(walker_dice, 0.90)),
             "seconds": (float(np.median(ours_s)), float(np.median(walker_s))),
-            "worst_drop": float(max([0.0] + [a - b for a, b in zip(before + ours_dice, ours_dice)])),
+            "worst_drop": float(max([0.0] + [a - b for a, b in zip(before + ours_dice, (before + ours_dice)[1:])])),
             "painting_strokes": painting}
 
 
