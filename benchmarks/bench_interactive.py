@@ -133,13 +133,11 @@ def run_target(name: str, clicks: int) -> dict:
     walker = np.zeros(image.shape, bool) if start is None else start.copy()
     ours_dice, walker_dice, ours_s, walker_s, history = [], [], [], [], []
     before = [] if start is None else [dice(start, truth)]  # a click must not spoil the start either
-
-    def first_or_next(prediction):
-        return centre_click(truth, spacing) if start is None else next_click(prediction, truth, spacing)
+    from_nothing = start is None  # then the first click goes at the target's centre
 
     for n in range(clicks):
         current = session.labels == 1
-        click = first_or_next(current) if n == 0 else next_click(current, truth, spacing)
+        click = centre_click(truth, spacing) if n == 0 and from_nothing else next_click(current, truth, spacing)
         if click is None:
             break
         history.append(click)
@@ -147,11 +145,12 @@ def run_target(name: str, clicks: int) -> dict:
         ours_s.append(update.seconds)
         ours_dice.append(dice(session.labels == 1, truth))
         began = time.perf_counter()
-        walker_click = first_or_next(walker) if n == 0 else next_click(walker, truth, spacing)
+        walker_click = centre_click(truth, spacing) if n == 0 and from_nothing else next_click(walker, truth, spacing)
         walker_history = history[:-1] + [walker_click] if walker_click else history
         walker = random_walker_region(image, update.region, walker_history, walker)
         walker_s.append(time.perf_counter() - began)
         walker_dice.append(dice(walker, truth))
+    series = before + ours_dice
     painting = int(np.count_nonzero(truth.any(axis=(1, 2))))  # one stroke per axial slice, at least
 
     def noc(series, goal):
@@ -165,7 +164,7 @@ def run_target(name: str, clicks: int) -> dict:
             "ours": {k: at(ours_dice, k) for k in (1, 3, 5, 10)}, "walker": {k: at(walker_dice, k) for k in (1, 3, 5, 10)},
             "noc85": (noc(ours_dice, 0.85), noc(walker_dice, 0.85)), "noc90": (noc(ours_dice, 0.90), noc(walker_dice, 0.90)),
             "seconds": (float(np.median(ours_s)), float(np.median(walker_s))),
-            "worst_drop": float(max([0.0] + [a - b for a, b in zip(before + ours_dice, (before + ours_dice)[1:])])),
+            "worst_drop": float(max([0.0] + [a - b for a, b in zip(series, series[1:])])),
             "painting_strokes": painting}
 
 

@@ -41,7 +41,6 @@ from .outputs import fsync_path, sha256_of_file, staging_folder, sweep_staging, 
 from .geometry import ScanGeometry
 from .storage import SQLiteStore, StorageError
 
-FILES = ("scan", "label", "prediction", "prompted")
 VALIDATION_EVERY = 5   # with split "auto", every fifth item joins the frozen validation set
 
 
@@ -197,9 +196,7 @@ class Workspace:
                 parts.append(mask_file(staging / "prediction.nii.gz", prediction, clean))
             parts += _prompt_parts(staging, prompts, prompted, label.shape, clean)
             write_files(parts)
-            hashes = {path.name.removesuffix(".nii.gz"): sha256_of_file(path) for path in sorted(staging.iterdir())
-                      if path.name.removesuffix(".nii.gz") in FILES or path.name == "prompts.json"
-                      or path.name.startswith("strokes-")}
+            hashes = {path.name.removesuffix(".nii.gz"): sha256_of_file(path) for path in sorted(staging.iterdir())}
             fsync_path(staging, directory=True)
         except MedsegError as exc:
             shutil.rmtree(staging, ignore_errors=True)

@@ -2,8 +2,8 @@
 
 Painting, filling, erasing and undo are napari's own Labels tools. The helpers here
 (fill between slices, remove islands, keep the largest part, fill holes, grow or shrink)
-change the layer through ``Labels.data_setitem``, so napari's undo takes each one back
-in one step. The prompt tools (:mod:`.prompting`) turn clicks and strokes into a preview that
+change the layer through ``_layers.edit_labels`` (napari's ``data_setitem``), so napari's
+undo takes each one back in one step. The prompt tools (:mod:`.prompting`) turn clicks and strokes into a preview that
 Accept writes the same way. Fine-tuning runs ``napari-medseg finetune`` in a separate process, so a
 crash there cannot take napari down; its progress and loss are shown here.
 """

@@ -112,13 +112,17 @@ class PromptControls(Container):
         self.preview.refresh()
 
     def _run(self, function, *args, description: str) -> BackgroundTask | None:
-        if self.task is not None and self.task.running:
+        if self._running:
             self._pending.append((function, args, description))  # applied in order
             return self.task
-        self._set_busy(True)
         self.task = BackgroundTask(function, *args, description=description, on_done=self._updated,
                                    on_finish=self._finished)
+        self._update_buttons()
         return self.task
+
+    @property
+    def _running(self) -> bool:
+        return self.task is not None and self.task.running
 
     def _updated(self, update) -> None:
         if self.session is None:  # rejected while it ran
@@ -131,18 +135,13 @@ class PromptControls(Container):
     def _finished(self) -> None:
         if self._pending and self.session is not None:
             function, args, description = self._pending.pop(0)
-            self.task = None
             self._run(function, *args, description=description)
             return
         self._pending.clear()
-        self._set_busy(False)
-
-    def _set_busy(self, busy: bool) -> None:
-        self._busy = busy
         self._update_buttons()
 
     def _update_buttons(self) -> None:
-        idle = not getattr(self, "_busy", False)
+        idle = not self._running
         has = self.session is not None and self.session.prompt_count > 0
         self._undo.enabled = idle and has
         self._accept.enabled = idle and self.session is not None
@@ -194,7 +193,7 @@ class PromptControls(Container):
         return self._run(self.session.add_strokes, strokes, description="Strokes")
 
     def undo(self) -> bool:
-        if self.session is None or (self.task is not None and self.task.running):
+        if self.session is None or self._running:
             return False
         region = self.session.undo()
         if region is None:
@@ -206,7 +205,7 @@ class PromptControls(Container):
 
     def accept(self) -> int:
         """Write the preview into the labels layer as one undoable step; returns voxels changed."""
-        if self.session is None or (self.task is not None and self.task.running):
+        if self.session is None or self._running:
             return 0
         layer, count = self.target, 0
         if layer in self.viewer.layers:
