@@ -32,7 +32,7 @@ def correct_widget(make_napari_viewer, tmp_path, monkeypatch):
     widget = CorrectWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Correct")
     widget._workspace.value = str(tmp_path / "ws")
-    widget._labels.value = layer
+    widget._correction.value = layer
     return viewer, widget, layer, label
 
 

@@ -142,7 +142,7 @@ def test_correct_knows_the_prediction_right_after_run(make_napari_viewer, qtbot,
     task = segment.run()
     qtbot.waitUntil(lambda: not task.running, timeout=120000)
     assert task.error is None
-    assert correct._labels.value is segment.last_layer
+    assert correct._correction.value is segment.last_layer
     assert correct._stats.value.startswith("edited voxels: 0;"), correct._stats.value
 
 

@@ -37,7 +37,7 @@ def prompting(make_napari_viewer, qtbot, tmp_path):
     widget = CorrectWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Correct")
     widget._workspace.value = str(tmp_path / "ws")
-    widget._labels.value = labels
+    widget._correction.value = labels
     from napari_medseg.core.geometry import ScanGeometry
 
     geometry = ScanGeometry.from_dict(geometry_dict)

@@ -43,7 +43,9 @@ class CorrectWidget(DockPanel):
         super().__init__(napari_viewer)
         self.process = None
         self.last_result: dict | None = None
-        self._labels = ComboBox(label="Correction", choices=self._labels_layers,
+        # Not ``self._labels``: magicgui's Container keeps its show-labels flag under that name,
+        # and a ComboBox there (empty, so falsy) hid the label of every control in this dock.
+        self._correction = ComboBox(label="Correction", choices=self._labels_layers,
                                 tooltip="The labels layer to correct and submit")
         self._value = SpinBox(label="Label value", min=1, max=255, value=1,
                               tooltip="The label the helpers work on (1-255)")
@@ -58,8 +60,7 @@ class CorrectWidget(DockPanel):
         self._grow_mm = FloatSpinBox(label="Grow (+) / shrink (-) mm", min=-50.0, max=50.0, step=0.5, value=1.0,
                                      tooltip="Margin in mm: positive grows the label, negative shrinks it")
         self._grow = PushButton(text="Grow or shrink")
-        self.prompts = PromptControls(napari_viewer, lambda: self._labels.value, lambda: self._value.value)
-        self.prompts.label = "Prompts"
+        self.prompts = PromptControls(napari_viewer, lambda: self._correction.value, lambda: self._value.value)
         self._stats = Label(value="")
         self._workspace = FileEdit(label="Workspace", mode="d", value=str(workspace_folder(napari_viewer)),
                                    tooltip="The workspace folder that holds the queue and the model versions")
@@ -76,9 +77,9 @@ class CorrectWidget(DockPanel):
         self._train_status = Label(value="")
         self._versions = Table(value={"data": [], "index": [], "columns": list(VERSION_COLUMNS)})
         self._rollback = PushButton(text="Use the selected version")
-        self.extend([self._labels, self._value, self._axis, self._fill_between, self._island_mm3, self._islands,
-                     self._largest, self._holes, self._grow_mm, self._grow, self.prompts, self._stats, self._workspace,
-                     self._reviewer, self._note, self._submit, self._queue, self._refresh, self._reopen,
+        self.extend([self._correction, self._value, self._axis, self._fill_between, self._island_mm3, self._islands,
+                     self._largest, self._holes, self._grow_mm, self._grow, *self.prompts.widgets, self._stats,
+                     self._workspace, self._reviewer, self._note, self._submit, self._queue, self._refresh, self._reopen,
                      self._steps, self._finetune, self._progress, self._train_status, self._versions,
                      self._rollback])
         self._fill_between.changed.connect(lambda: self.apply("fill_between"))
@@ -91,10 +92,10 @@ class CorrectWidget(DockPanel):
         self._reopen.changed.connect(self.reopen_selected)
         self._finetune.changed.connect(self.start_fine_tuning)
         self._rollback.changed.connect(self.rollback_selected)
-        self._labels.changed.connect(self._watch)
+        self._correction.changed.connect(self._watch)
         self._workspace.changed.connect(lambda _v=None: self._workspace_changed())
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            event.connect(lambda _e=None: self._labels.reset_choices())
+            event.connect(lambda _e=None: self._correction.reset_choices())
         self._watched = None
         prediction_events.recorded.connect(self._prediction_recorded)
         self._workspace_changed()
@@ -110,7 +111,7 @@ class CorrectWidget(DockPanel):
                 self._watched.events.paint.disconnect(self._stats_soon)
             except (TypeError, ValueError, RuntimeError):
                 pass
-        self._watched = self._labels.value
+        self._watched = self._correction.value
         if self._watched is not None:
             self._watched.events.paint.connect(self._stats_soon)
         self._update_stats()
@@ -119,11 +120,11 @@ class CorrectWidget(DockPanel):
         """A prediction just appeared (Segment's Run, a case opened): correct that layer from here."""
         if layer not in self.viewer.layers:
             return
-        self._labels.reset_choices()
-        if self._labels.value is layer:
+        self._correction.reset_choices()
+        if self._correction.value is layer:
             self._watch()
         else:
-            self._labels.value = layer  # calls _watch
+            self._correction.value = layer  # calls _watch
 
     def _stats_soon(self, _event=None) -> None:
         # napari emits ``paint`` before a single paint call writes the data: count afterwards.
@@ -132,7 +133,7 @@ class CorrectWidget(DockPanel):
         QTimer.singleShot(0, self._update_stats)
 
     def _update_stats(self, _event=None) -> None:
-        layer = self._labels.value
+        layer = self._correction.value
         prediction = original_prediction(layer) if layer is not None else None
         if layer is None or prediction is None:
             self._stats.value = "" if layer is None else "no model prediction recorded for this layer"
@@ -143,7 +144,7 @@ class CorrectWidget(DockPanel):
 
     def apply(self, helper: str) -> int:
         """Run one helper on the chosen layer, as one undoable edit; returns voxels changed."""
-        layer = self._labels.value
+        layer = self._correction.value
         if layer is None:
             show_error("napari-medseg: choose a labels layer to correct")
             return 0
@@ -186,7 +187,7 @@ class CorrectWidget(DockPanel):
     def submit(self) -> BackgroundTask | None:
         from ...core.errors import MedsegError
 
-        layer = self._labels.value
+        layer = self._correction.value
         if layer is None:
             show_error("napari-medseg: choose the labels layer to submit")
             return None
@@ -271,7 +272,7 @@ class CorrectWidget(DockPanel):
                                        metadata=meta, opacity=0.5)
         if "prediction" in loaded:
             remember_prediction(layer, loaded["prediction"])
-        self._labels.value = layer
+        self._correction.value = layer
 
     def rollback_selected(self, row: int | None = None) -> None:
         row = self._selected_row(self._versions) if row is None else row

@@ -14,7 +14,7 @@ from __future__ import annotations
 import weakref
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton
+from magicgui.widgets import ComboBox, FloatSpinBox, Label, PushButton
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 
@@ -27,11 +27,13 @@ CLICK_MODES = ("off (clicks move the crosshair)", "this label (positive)", "not 
 STROKE_VALUES = {"this label": 1, "not this label": 2}
 
 
-class PromptControls(Container):
-    """Clicks, strokes, undo, accept and reject for the Correct dock's layer and label."""
+class PromptControls:
+    """Clicks, strokes, undo, accept and reject for the Correct dock's layer and label.
+
+    :attr:`widgets` go straight into the dock's form (a nested container would get an
+    indented, clipped column of its own)."""
 
     def __init__(self, viewer, labels_layer, label_value):
-        super().__init__(labels=True)
         self.viewer = viewer
         self._labels_layer, self._label_value = labels_layer, label_value  # callables
         self.session: PromptSession | None = None
@@ -56,8 +58,9 @@ class PromptControls(Container):
         self._accept = PushButton(text="Accept preview")
         self._reject = PushButton(text="Reject preview")
         self._status = Label(value="no prompts")
-        self.extend([self._clicks, self._start_mm, self._max_mm, self._paint, self._stroke_value,
-                     self._apply_strokes, self._undo, self._accept, self._reject, self._status])
+        self._heading = Label(value="Prompts")
+        self.widgets = [self._heading, self._clicks, self._start_mm, self._max_mm, self._paint, self._stroke_value,
+                        self._apply_strokes, self._undo, self._accept, self._reject, self._status]
         self._clicks.changed.connect(self._clicks_changed)
         self._paint.changed.connect(lambda: self.paint_strokes())
         self._stroke_value.changed.connect(self._stroke_value_changed)
@@ -129,8 +132,8 @@ class PromptControls(Container):
             return
         self._show(update.region)
         grew = f", region grew {update.grew}x" if update.grew else ""
-        self._status.value = (f"{self.session.prompt_count} prompts; last: {update.changed_voxels} voxels changed "
-                              f"in {update.seconds:.2f} s{grew}")
+        self._status.value = (f"{self.session.prompt_count} prompts; last {update.changed_voxels} voxels, "
+                              f"{update.seconds:.2f} s{grew}")
 
     def _finished(self) -> None:
         if self._pending and self.session is not None:
@@ -265,7 +268,3 @@ class PromptControls(Container):
         if "Control" in {str(getattr(m, "name", m)) for m in event.modifiers}:
             positive = not positive
         self.add_click(event.position, positive)
-
-    def close_tool(self) -> None:
-        self._unhook()
-        self._close("no prompts")
